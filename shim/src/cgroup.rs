@@ -1,0 +1,232 @@
+//! A small driver over cgroup v1 and v2: create an instance's cgroup with
+//! limits (agent side), put the daemon in it, read what it used, empty and
+//! remove it (shim side).
+//!
+//! Every path is derived from a configurable cgroup root and `/proc`, so unit
+//! tests run on a tree of plain files and privileged tests on the real host.
+//! We do not use cgroups-rs here: it discovers hierarchies from the live
+//! `/proc/self/mountinfo` and cannot be pointed at a temp tree, and the few
+//! files we need are simpler to write than to adapt.
+#![forbid(unsafe_code)]
+
+mod v1;
+mod v2;
+
+use crate::spec::{CgroupSpec, CgroupVersion};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+/// Controllers berth limits, in the order they are set up.
+pub const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+
+/// Per-instance limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    /// CPU quota in millicores (1000 = one CPU).
+    pub cpu_millis: u64,
+    pub pids: u64,
+}
+
+/// What an instance's cgroup recorded before removal.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub peak_memory: Option<u64>,
+    pub oom_kills: u64,
+    pub pids_limit_hits: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {msg}")]
+    Layout { path: PathBuf, msg: String },
+    #[error("{path}: still has processes {pids:?} after {waited:?}")]
+    NotEmpty { path: PathBuf, pids: Vec<i32>, waited: Duration },
+}
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
+    move |source| CgroupError::Io { path: path.to_path_buf(), source }
+}
+
+pub(crate) fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    fs::write(path, value).map_err(io_err(path))
+}
+
+/// Reads `key value` lines (memory.events, pids.events, memory.oom_control).
+pub(crate) fn keyed(path: &Path, key: &str) -> Option<u64> {
+    let text = fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        (it.next()? == key).then(|| it.next()?.parse().ok()).flatten()
+    })
+}
+
+pub(crate) fn read_u64(path: &Path) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Where instance cgroups go on this host: the version and, per controller,
+/// the parent dir. Built by the agent once at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub version: CgroupVersion,
+    /// `(controller, parent dir)`; on v2 one entry `("unified", dir)`.
+    pub parents: Vec<(String, PathBuf)>,
+}
+
+impl Layout {
+    /// Detects the version under `root` and places instances under `parent`
+    /// (relative to each hierarchy's root) or, without one, under the cgroup
+    /// that `<proc>/self/cgroup` names for each controller.
+    pub fn detect(root: &Path, proc_root: &Path, parent: Option<&str>) -> Result<Layout, CgroupError> {
+        if root.join("cgroup.controllers").exists() {
+            v2::layout(root, proc_root, parent)
+        } else {
+            v1::layout(root, proc_root, parent)
+        }
+    }
+
+    /// Creates the cgroup `name` under every parent and writes the limits.
+    /// On failure, whatever was created is removed again.
+    pub fn create(&self, name: &str, limits: &Limits) -> Result<CgroupSpec, CgroupError> {
+        let spec = CgroupSpec {
+            version: self.version,
+            dirs: self.parents.iter().map(|(c, p)| (c.clone(), p.join(name))).collect(),
+        };
+        let res = match self.version {
+            CgroupVersion::V1 => v1::create(&spec, limits),
+            CgroupVersion::V2 => v2::create(&spec, limits),
+        };
+        if let Err(e) = res {
+            for (_, d) in &spec.dirs {
+                let _ = fs::remove_dir(d);
+            }
+            return Err(e);
+        }
+        Ok(spec)
+    }
+
+    /// Children of the parents whose name starts with `prefix`: what a dead
+    /// agent may have left when it crashed between mkdir and writing a spec.
+    pub fn children(&self, prefix: &str) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for (_, p) in &self.parents {
+            if let Ok(rd) = fs::read_dir(p) {
+                for e in rd.flatten() {
+                    if e.file_name().to_string_lossy().starts_with(prefix) && e.path().is_dir() {
+                        out.push(e.path());
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Moves `pid` into every dir of the instance's cgroup.
+pub fn join(spec: &CgroupSpec, pid: i32) -> Result<(), CgroupError> {
+    for (_, d) in &spec.dirs {
+        write(&d.join("cgroup.procs"), &pid.to_string())?;
+    }
+    Ok(())
+}
+
+/// Pids in any dir of the instance's cgroup (missing dirs count as empty).
+pub fn procs(spec: &CgroupSpec) -> Vec<i32> {
+    let mut pids: Vec<i32> = spec
+        .dirs
+        .iter()
+        .filter_map(|(_, d)| fs::read_to_string(d.join("cgroup.procs")).ok())
+        .flat_map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect::<Vec<_>>())
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// What the instance used; read before removal, since removal loses it.
+pub fn usage(spec: &CgroupSpec) -> Usage {
+    match spec.version {
+        CgroupVersion::V1 => v1::usage(spec),
+        CgroupVersion::V2 => v2::usage(spec),
+    }
+}
+
+/// SIGKILLs every process left in the cgroup until it is empty, bounded by
+/// `timeout`. On v2 `cgroup.kill` does it atomically; on v1 we loop, since a
+/// process may fork between our read and our kill.
+pub fn kill_all(spec: &CgroupSpec, timeout: Duration) -> Result<(), CgroupError> {
+    let start = Instant::now();
+    if spec.version == CgroupVersion::V2 {
+        if let Some(d) = spec.dirs.first().map(|(_, d)| d) {
+            let kill = d.join("cgroup.kill");
+            if kill.exists() {
+                let _ = fs::write(&kill, "1");
+            }
+        }
+    }
+    loop {
+        let pids = procs(spec);
+        if pids.is_empty() {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            let path = spec.dirs.first().map(|(_, d)| d.clone()).unwrap_or_default();
+            return Err(CgroupError::NotEmpty { path, pids, waited: timeout });
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        sleep(Duration::from_millis(10));
+    }
+}
+
+/// Removes every dir of the instance's cgroup. A dir that is already gone is
+/// fine; one that stays busy past `timeout` is an error naming it.
+pub fn remove(spec: &CgroupSpec, timeout: Duration) -> Result<(), CgroupError> {
+    for (_, d) in &spec.dirs {
+        remove_dir(d, timeout)?;
+    }
+    Ok(())
+}
+
+/// rmdir with retries: the kernel may report EBUSY for a moment after the
+/// last process of a cgroup is reaped.
+pub fn remove_dir(dir: &Path, timeout: Duration) -> Result<(), CgroupError> {
+    let start = Instant::now();
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if start.elapsed() < timeout => {
+                let _ = e;
+                sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(CgroupError::Io { path: dir.to_path_buf(), source: e }),
+        }
+    }
+}
+
+/// The cgroup path `<proc>/<pid>/cgroup` gives for a controller (`""` is the
+/// v2 entry). Used for the agent's own cgroup and for peer identity.
+pub fn path_of(proc_root: &Path, pid: &str, controller: &str) -> Result<String, CgroupError> {
+    let file = proc_root.join(pid).join("cgroup");
+    let text = fs::read_to_string(&file).map_err(io_err(&file))?;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, ctrls, path) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let hit = if controller.is_empty() { ctrls.is_empty() } else { ctrls.split(',').any(|c| c == controller) };
+        if hit {
+            return Ok(path.to_string());
+        }
+    }
+    Err(CgroupError::Layout { path: file, msg: format!("no entry for controller {controller:?}") })
+}
+
+#[cfg(test)]
+mod tests;

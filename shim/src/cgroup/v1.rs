@@ -1,0 +1,79 @@
+//! cgroup v1: one hierarchy per controller, each with its own nesting (on
+//! hybrid hosts the memory cgroup of a process often differs from its cpu one).
+
+use super::{io_err, keyed, path_of, read_u64, write, CgroupError, Limits, Usage, CONTROLLERS};
+use crate::spec::{CgroupSpec, CgroupVersion};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// CFS period; the quota is scaled to it.
+const CFS_PERIOD_US: u64 = 100_000;
+
+/// The mount of a controller: `<root>/<c>`, or a co-mounted dir such as
+/// `cpu,cpuacct` when no alias exists.
+fn mount_of(root: &Path, controller: &str) -> Result<PathBuf, CgroupError> {
+    let direct = root.join(controller);
+    if direct.is_dir() {
+        return Ok(direct);
+    }
+    let rd = fs::read_dir(root).map_err(io_err(root))?;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.split(',').any(|c| c == controller) && e.path().is_dir() {
+            return Ok(e.path());
+        }
+    }
+    Err(CgroupError::Layout {
+        path: root.to_path_buf(),
+        msg: format!("no cgroup v1 hierarchy for the {controller} controller is mounted"),
+    })
+}
+
+pub(super) fn layout(root: &Path, proc_root: &Path, parent: Option<&str>) -> Result<super::Layout, CgroupError> {
+    let mut parents = Vec::new();
+    for c in CONTROLLERS {
+        let mount = mount_of(root, c)?;
+        let rel = match parent {
+            Some(p) => p.to_string(),
+            None => path_of(proc_root, "self", c)?,
+        };
+        let dir = mount.join(rel.trim_start_matches('/'));
+        // A configured parent is created on demand, as `mkdir -p` would.
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        parents.push((c.to_string(), dir));
+    }
+    Ok(super::Layout { version: CgroupVersion::V1, parents })
+}
+
+pub(super) fn create(spec: &CgroupSpec, limits: &Limits) -> Result<(), CgroupError> {
+    for (_, d) in &spec.dirs {
+        fs::create_dir(d).map_err(io_err(d))?;
+    }
+    if let Some(d) = spec.dir_of("memory") {
+        write(&d.join("memory.limit_in_bytes"), &limits.memory_bytes.to_string())?;
+        // With swap accounting, memory+swap gets the same cap: a build must
+        // not escape its limit by swapping.
+        let memsw = d.join("memory.memsw.limit_in_bytes");
+        if memsw.exists() {
+            write(&memsw, &limits.memory_bytes.to_string())?;
+        }
+    }
+    if let Some(d) = spec.dir_of("cpu") {
+        write(&d.join("cpu.cfs_period_us"), &CFS_PERIOD_US.to_string())?;
+        let quota = (limits.cpu_millis * CFS_PERIOD_US / 1000).max(1000);
+        write(&d.join("cpu.cfs_quota_us"), &quota.to_string())?;
+    }
+    if let Some(d) = spec.dir_of("pids") {
+        write(&d.join("pids.max"), &limits.pids.to_string())?;
+    }
+    Ok(())
+}
+
+pub(super) fn usage(spec: &CgroupSpec) -> Usage {
+    let mem = spec.dir_of("memory");
+    Usage {
+        peak_memory: mem.and_then(|d| read_u64(&d.join("memory.max_usage_in_bytes"))),
+        oom_kills: mem.and_then(|d| keyed(&d.join("memory.oom_control"), "oom_kill")).unwrap_or(0),
+        pids_limit_hits: spec.dir_of("pids").and_then(|d| keyed(&d.join("pids.events"), "max")).unwrap_or(0),
+    }
+}

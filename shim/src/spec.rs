@@ -1,0 +1,291 @@
+//! The files an instance dir holds, shared by the agent (writer of the spec,
+//! reader of the result) and the shim (reader of the spec, writer of the rest).
+//!
+//! Layout of `<state-dir>/instances/<id>/` (owned by host root, mode 0711):
+//! - `spec.json`   what to run and where; written by the agent before the shim starts
+//! - `shim.pid`    `<pid> <starttime>` of the shim, written by the shim at start
+//! - `daemon.pid`  `<pid> <starttime>` of the daemon (host pid), written by the shim
+//! - `daemon.log`  the daemon's stdout and stderr (root-owned, 0600)
+//! - `root/`       the daemon's `--root`, owned by the instance's root (mode 0700)
+//! - `run/`        socket dir and `XDG_RUNTIME_DIR`, owned by the instance's root (0700)
+//! - `home/`       `HOME`, owned by the instance's root (0700)
+//!
+//! Everything needed to clean an instance up is in these files, so that
+//! `berth-shim delete <dir>` works after both agent and shim are gone.
+#![forbid(unsafe_code)]
+
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub const SPEC_FILE: &str = "spec.json";
+pub const SHIM_PID_FILE: &str = "shim.pid";
+pub const DAEMON_PID_FILE: &str = "daemon.pid";
+pub const DAEMON_LOG_FILE: &str = "daemon.log";
+pub const ROOT_DIR: &str = "root";
+pub const RUN_DIR: &str = "run";
+pub const HOME_DIR: &str = "home";
+/// Name of the daemon's socket inside `run/`.
+pub const SOCKET_NAME: &str = "buildkitd.sock";
+/// Ids mapped per instance: a full range, as buildkit's devpts `gid=5` and
+/// image layers with arbitrary owners need.
+pub const IDS_PER_INSTANCE: u32 = 65536;
+
+/// A contiguous host id range mapped to 0..count inside the user namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdRange {
+    pub host_base: u32,
+    pub count: u32,
+}
+
+impl IdRange {
+    /// The line for `/proc/<pid>/uid_map` and `gid_map`.
+    pub fn map_line(&self) -> String {
+        format!("0 {} {}\n", self.host_base, self.count)
+    }
+    pub fn overlaps(&self, other: &IdRange) -> bool {
+        let (a0, a1) = (self.host_base as u64, self.host_base as u64 + self.count as u64);
+        let (b0, b1) = (other.host_base as u64, other.host_base as u64 + other.count as u64);
+        a0 < b1 && b0 < a1
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupVersion {
+    V1,
+    V2,
+}
+
+/// The instance's cgroup: one dir on v2, one dir per controller on v1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupSpec {
+    pub version: CgroupVersion,
+    /// `(controller, dir)`; on v2 a single entry with controller `"unified"`.
+    pub dirs: Vec<(String, PathBuf)>,
+}
+
+impl CgroupSpec {
+    pub fn dir_of(&self, controller: &str) -> Option<&Path> {
+        match self.version {
+            CgroupVersion::V2 => self.dirs.first().map(|(_, d)| d.as_path()),
+            CgroupVersion::V1 => self
+                .dirs
+                .iter()
+                .find(|(c, _)| c == controller)
+                .map(|(_, d)| d.as_path()),
+        }
+    }
+}
+
+/// What the agent asks the shim to run. Written once, never modified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spec {
+    pub id: String,
+    /// The instance dir this spec lives in (absolute).
+    pub dir: PathBuf,
+    pub ids: IdRange,
+    /// Path of the daemon binary, as seen by the shim.
+    pub daemon: PathBuf,
+    /// Full argv after argv[0], including `--addr` and `--root`.
+    pub args: Vec<String>,
+    /// The daemon's whole environment (nothing is inherited from the agent).
+    pub env: Vec<(String, String)>,
+    pub cgroup: CgroupSpec,
+    /// Grace between SIGTERM and SIGKILL of the daemon, in milliseconds.
+    pub stop_grace_ms: u64,
+    /// The id-range lease file the shim removes as its last step.
+    pub lease: PathBuf,
+    /// Hostname inside the instance's uts namespace.
+    pub hostname: String,
+    /// Free text naming the client (peer uid/pid or pod), for logs only.
+    pub client: String,
+}
+
+impl Spec {
+    pub fn root_dir(&self) -> PathBuf {
+        self.dir.join(ROOT_DIR)
+    }
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.join(RUN_DIR)
+    }
+    pub fn home_dir(&self) -> PathBuf {
+        self.dir.join(HOME_DIR)
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.run_dir().join(SOCKET_NAME)
+    }
+    pub fn load(dir: &Path) -> Result<Spec, SpecError> {
+        let path = dir.join(SPEC_FILE);
+        let raw = fs::read(&path).map_err(|source| SpecError::Io { path: path.clone(), source })?;
+        serde_json::from_slice(&raw).map_err(|source| SpecError::Parse { path, source })
+    }
+    /// Writes the spec atomically (temp file + rename), so a crash never leaves
+    /// a half-written spec for the sweep to choke on.
+    pub fn store(&self) -> Result<(), SpecError> {
+        let path = self.dir.join(SPEC_FILE);
+        let tmp = self.dir.join(".spec.json.tmp");
+        let raw = serde_json::to_vec_pretty(self).expect("spec serializes");
+        fs::write(&tmp, raw).map_err(|source| SpecError::Io { path: tmp.clone(), source })?;
+        fs::rename(&tmp, &path).map_err(|source| SpecError::Io { path, source })
+    }
+}
+
+/// Why an instance ended, as the shim saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// The shim was asked to stop (SIGTERM/SIGINT from the agent).
+    Stopped,
+    /// The daemon exited on its own (crash, OOM kill, or a clean exit).
+    DaemonExited,
+    /// The agent went away (lifeline pipe closed).
+    ParentGone,
+    /// The shim could not start the daemon at all.
+    StartFailed,
+    /// `berth-shim delete` cleaned it from files.
+    Deleted,
+}
+
+/// The shim's last word, one JSON line on its stdout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub id: String,
+    pub reason: EndReason,
+    /// Exit code of the daemon, when it exited normally.
+    pub exit_code: Option<i32>,
+    /// Signal that killed the daemon, when one did.
+    pub signal: Option<i32>,
+    /// Peak memory of the instance's cgroup in bytes, when the controller reports it.
+    pub peak_memory: Option<u64>,
+    /// OOM kills inside the instance's cgroup.
+    pub oom_kills: u64,
+    /// Times a fork hit the pids limit.
+    pub pids_limit_hits: u64,
+    /// Last bytes of the daemon's stderr.
+    pub stderr_tail: String,
+    /// Milliseconds from shim start to the end of the wipe.
+    pub duration_ms: u64,
+    /// Anything that could not be removed, with its path and the error.
+    pub leftovers: Vec<String>,
+    /// Set when the shim itself failed (start error), with the cause.
+    pub error: Option<String>,
+}
+
+impl Outcome {
+    pub fn new(id: &str, reason: EndReason) -> Outcome {
+        Outcome {
+            id: id.to_string(),
+            reason,
+            exit_code: None,
+            signal: None,
+            peak_memory: None,
+            oom_kills: 0,
+            pids_limit_hits: 0,
+            stderr_tail: String::new(),
+            duration_ms: 0,
+            leftovers: Vec::new(),
+            error: None,
+        }
+    }
+}
+
+/// A pid plus its start time (field 22 of `/proc/<pid>/stat`), so that a
+/// recycled pid is never mistaken for ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PidStamp {
+    pub pid: i32,
+    pub starttime: u64,
+}
+
+impl PidStamp {
+    pub fn of(proc_root: &Path, pid: i32) -> io::Result<PidStamp> {
+        Ok(PidStamp { pid, starttime: starttime(proc_root, pid)? })
+    }
+    pub fn parse(s: &str) -> Option<PidStamp> {
+        let mut it = s.split_whitespace();
+        let pid = it.next()?.parse().ok()?;
+        let starttime = it.next()?.parse().ok()?;
+        Some(PidStamp { pid, starttime })
+    }
+    pub fn render(&self) -> String {
+        format!("{} {}\n", self.pid, self.starttime)
+    }
+    /// True while the very same process (not a recycled pid) still exists.
+    pub fn alive(&self, proc_root: &Path) -> bool {
+        starttime(proc_root, self.pid).map(|t| t == self.starttime).unwrap_or(false)
+    }
+    pub fn load(path: &Path) -> Option<PidStamp> {
+        fs::read_to_string(path).ok().and_then(|s| PidStamp::parse(&s))
+    }
+}
+
+/// Reads the start time of a process from `<proc>/<pid>/stat`.
+pub fn starttime(proc_root: &Path, pid: i32) -> io::Result<u64> {
+    let stat = fs::read_to_string(proc_root.join(pid.to_string()).join("stat"))?;
+    // comm may contain spaces and parens: fields restart after the last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no ')' in stat"))?;
+    // rest starts at field 3 (state); starttime is field 22.
+    rest.split_whitespace()
+        .nth(22 - 3)
+        .and_then(|f| f.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "short stat"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: not a valid instance spec: {source}")]
+    Parse { path: PathBuf, source: serde_json::Error },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_overlap_only_when_they_share_an_id() {
+        let a = IdRange { host_base: 100_000, count: 65536 };
+        let b = IdRange { host_base: 165_536, count: 65536 };
+        let c = IdRange { host_base: 165_535, count: 2 };
+        assert!(!a.overlaps(&b));
+        assert!(a.overlaps(&c) && b.overlaps(&c));
+        assert_eq!(a.map_line(), "0 100000 65536\n");
+    }
+
+    #[test]
+    fn pid_stamp_round_trips_and_detects_self() {
+        let me = std::process::id() as i32;
+        let s = PidStamp::of(Path::new("/proc"), me).unwrap();
+        assert_eq!(PidStamp::parse(&s.render()), Some(s));
+        assert!(s.alive(Path::new("/proc")));
+        let other = PidStamp { pid: me, starttime: s.starttime + 1 };
+        assert!(!other.alive(Path::new("/proc")));
+    }
+
+    #[test]
+    fn spec_store_is_loadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = Spec {
+            id: "abc".into(),
+            dir: dir.path().to_path_buf(),
+            ids: IdRange { host_base: 1 << 20, count: IDS_PER_INSTANCE },
+            daemon: "/bin/true".into(),
+            args: vec!["--addr".into(), "unix:///x".into()],
+            env: vec![("USER".into(), "berth".into())],
+            cgroup: CgroupSpec { version: CgroupVersion::V2, dirs: vec![("unified".into(), "/sys/fs/cgroup/x".into())] },
+            stop_grace_ms: 2000,
+            lease: dir.path().join("lease"),
+            hostname: "berth-abc".into(),
+            client: "uid=0".into(),
+        };
+        spec.store().unwrap();
+        assert_eq!(Spec::load(dir.path()).unwrap(), spec);
+        assert_eq!(spec.cgroup.dir_of("memory"), Some(Path::new("/sys/fs/cgroup/x")));
+    }
+}
