@@ -94,10 +94,7 @@ impl Layout {
     /// Creates the cgroup `name` under every parent and writes the limits.
     /// On failure, whatever was created is removed again.
     pub fn create(&self, name: &str, limits: &Limits) -> Result<CgroupSpec, CgroupError> {
-        let spec = CgroupSpec {
-            version: self.version,
-            dirs: self.parents.iter().map(|(c, p)| (c.clone(), p.join(name))).collect(),
-        };
+        let spec = self.plan(name);
         let res = match self.version {
             CgroupVersion::V1 => v1::create(&spec, limits),
             CgroupVersion::V2 => v2::create(&spec, limits),
@@ -109,6 +106,15 @@ impl Layout {
             return Err(e);
         }
         Ok(spec)
+    }
+
+    /// The dirs `create(name)` would make, so the agent can record them in the
+    /// spec before they exist (a crash in between leaves nothing unrecorded).
+    pub fn plan(&self, name: &str) -> CgroupSpec {
+        CgroupSpec {
+            version: self.version,
+            dirs: self.parents.iter().map(|(c, p)| (c.clone(), p.join(name))).collect(),
+        }
     }
 
     /// Children of the parents whose name starts with `prefix`: what a dead

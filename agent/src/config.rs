@@ -1,0 +1,261 @@
+//! Command line and configuration: flags, their `BERTH_*` environment
+//! equivalents (clap), and an optional TOML file whose keys are flag names.
+//!
+//! Precedence: command line, then the config file, then the environment,
+//! then defaults. Every bad value exits with a message that names the flag.
+#![forbid(unsafe_code)]
+
+pub mod quantity;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use berth_shim::cgroup::Limits;
+
+#[derive(Debug, Parser)]
+#[command(name = "berth-agent", version, about = "One fresh, rootless, limited buildkitd per build client", args_override_self = true)]
+pub struct Cli {
+    /// TOML file of settings, keys named like the long flags (`build-memory = "4Gi"`).
+    #[arg(long, global = true, env = "BERTH_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve build clients on the node sockets.
+    Run(Box<RunArgs>),
+    /// Preflight: can this node run berth? Exits non-zero with a fix per missing piece.
+    Check(CheckArgs),
+}
+
+/// Where berth looks at and writes to the host. Configurable so that unit
+/// tests run on temp trees and privileged tests on the real host.
+#[derive(Debug, Clone, Args)]
+pub struct HostArgs {
+    /// State dir: instance dirs, id-range leases.
+    #[arg(long, env = "BERTH_STATE_DIR", default_value = "/var/lib/berth")]
+    pub state_dir: PathBuf,
+    /// Root of the cgroup filesystem.
+    #[arg(long, env = "BERTH_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
+    /// Root of procfs.
+    #[arg(long, env = "BERTH_PROC_ROOT", default_value = "/proc")]
+    pub proc_root: PathBuf,
+    /// Cgroup (relative to each hierarchy) that instance cgroups nest under;
+    /// default: the agent's own cgroup.
+    #[arg(long, env = "BERTH_CGROUP_PARENT")]
+    pub cgroup_parent: Option<String>,
+    /// First host id of the pool that instance uid/gid ranges come from.
+    #[arg(long, env = "BERTH_IDMAP_BASE", default_value_t = 1 << 20)]
+    pub idmap_base: u32,
+    /// Ids in the pool; a multiple of 65536 (one range per concurrent instance).
+    #[arg(long, env = "BERTH_IDMAP_COUNT", default_value_t = 256 * 65536)]
+    pub idmap_count: u32,
+    /// The build daemon to run in each instance.
+    #[arg(long, env = "BERTH_DAEMON", default_value = "buildkitd")]
+    pub daemon: PathBuf,
+    /// The berth-shim binary; default: beside berth-agent, else on PATH.
+    #[arg(long, env = "BERTH_SHIM")]
+    pub shim: Option<PathBuf>,
+}
+
+/// Per-build limits, shared by `run` and `capacity`.
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Memory limit of one build (Kubernetes quantity: 512Mi, 4Gi).
+    #[arg(long, env = "BERTH_BUILD_MEMORY", default_value = "2Gi", value_parser = quantity::parse_bytes)]
+    pub build_memory: u64,
+    /// CPU limit of one build (2, 0.5 or 500m).
+    #[arg(long, env = "BERTH_BUILD_CPUS", default_value = "2", value_parser = quantity::parse_millicpus)]
+    pub build_cpus: u64,
+    /// Most processes and threads in one build.
+    #[arg(long, env = "BERTH_BUILD_PIDS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(8..))]
+    pub build_pids: u64,
+}
+
+impl LimitArgs {
+    pub fn limits(&self) -> Limits {
+        Limits { memory_bytes: self.build_memory, cpu_millis: self.build_cpus, pids: self.build_pids }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scope {
+    /// Connections from the same peer (uid + cgroup) share one instance.
+    Client,
+    /// Every connection gets its own instance.
+    Connection,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub host: HostArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// Socket to serve build clients on (repeatable).
+    #[arg(long = "listen", env = "BERTH_LISTEN", value_delimiter = ',', default_value = "unix:///run/berth/buildkitd.sock", value_parser = parse_unix_url)]
+    pub listen: Vec<PathBuf>,
+    /// Mode of the listening sockets (octal).
+    #[arg(long, env = "BERTH_SOCKET_MODE", default_value = "0660", value_parser = parse_mode)]
+    pub socket_mode: u32,
+    /// Extra argument for the daemon (repeatable); use `--daemon-arg=--flag`.
+    #[arg(long = "daemon-arg", allow_hyphen_values = true)]
+    pub daemon_args: Vec<String>,
+    /// How long a new instance may take to answer on its socket.
+    #[arg(long, env = "BERTH_START_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub start_timeout: Duration,
+    /// An instance with no connection for this long is reaped and wiped.
+    #[arg(long, env = "BERTH_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// Grace between SIGTERM and SIGKILL of a daemon.
+    #[arg(long, env = "BERTH_STOP_GRACE", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub stop_grace: Duration,
+    /// What shares an instance.
+    #[arg(long, env = "BERTH_SCOPE", value_enum, default_value_t = Scope::Client)]
+    pub scope: Scope,
+    #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub host: HostArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+fn parse_unix_url(s: &str) -> Result<PathBuf, String> {
+    let path = s.strip_prefix("unix://").unwrap_or(s);
+    if !path.starts_with('/') {
+        return Err(format!("{s:?} is not a unix socket address: use unix:///absolute/path.sock"));
+    }
+    // sun_path holds 108 bytes including the NUL.
+    if path.len() > 107 {
+        return Err(format!("{path:?} is {} bytes; a unix socket path holds at most 107", path.len()));
+    }
+    Ok(PathBuf::from(path))
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal file mode like 0660"))
+}
+
+/// Turns the config file, if any, into flags placed right after the
+/// subcommand, so that flags on the command line (later) override it.
+pub fn expand_config(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
+    let mut path: Option<PathBuf> = std::env::var_os("BERTH_CONFIG").map(PathBuf::from);
+    for (i, a) in argv.iter().enumerate() {
+        let a = a.to_string_lossy();
+        if a == "--config" {
+            path = argv.get(i + 1).map(PathBuf::from);
+        } else if let Some(p) = a.strip_prefix("--config=") {
+            path = Some(PathBuf::from(p));
+        }
+    }
+    let Some(path) = path else { return Ok(argv) };
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("config file {}: {e}", path.display()))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
+    let mut flags = Vec::new();
+    for (key, value) in table {
+        let values = match value {
+            toml::Value::Array(items) => items,
+            other => vec![other],
+        };
+        for v in values {
+            let rendered = match v {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(true) => {
+                    flags.push(OsString::from(format!("--{key}")));
+                    continue;
+                }
+                other => return Err(format!("config file {}: key {key:?}: unsupported value {other}", path.display())),
+            };
+            flags.push(OsString::from(format!("--{key}={rendered}")));
+        }
+    }
+    // Insert after the first non-flag argument (the subcommand).
+    let at = argv
+        .iter()
+        .enumerate()
+        .skip(1)
+        .find(|(_, a)| !a.to_string_lossy().starts_with('-'))
+        .map(|(i, _)| i + 1)
+        .unwrap_or(argv.len());
+    let mut out = argv[..at].to_vec();
+    out.extend(flags);
+    out.extend_from_slice(&argv[at..]);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(args.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let cli = parse(&["berth-agent", "run"]).unwrap();
+        let Command::Run(r) = cli.command else { panic!() };
+        assert_eq!(r.listen, vec![PathBuf::from("/run/berth/buildkitd.sock")]);
+        assert_eq!(r.limits.build_memory, 2 << 30);
+        assert_eq!(r.idle_timeout, Duration::from_secs(30));
+        assert_eq!(r.scope, Scope::Client);
+        let cli = parse(&["berth-agent", "run", "--build-memory", "1Gi", "--build-memory=512Mi", "--listen", "unix:///a.sock", "--listen", "/b.sock", "--daemon-arg=--debug", "--build-cpus", "500m"]).unwrap();
+        let Command::Run(r) = cli.command else { panic!() };
+        assert_eq!(r.limits.build_memory, 512 << 20);
+        assert_eq!(r.limits.build_cpus, 500);
+        assert_eq!(r.listen, vec![PathBuf::from("/a.sock"), PathBuf::from("/b.sock")]);
+        assert_eq!(r.daemon_args, vec!["--debug".to_string()]);
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let err = parse(&["berth-agent", "run", "--build-memory", "4GB"]).unwrap_err().to_string();
+        assert!(err.contains("--build-memory") && err.contains("unknown size suffix"), "{err}");
+        let err = parse(&["berth-agent", "run", "--listen", "tcp://0.0.0.0:1"]).unwrap_err().to_string();
+        assert!(err.contains("--listen"), "{err}");
+        let err = parse(&["berth-agent", "run", "--idle-timeout", "soon"]).unwrap_err().to_string();
+        assert!(err.contains("--idle-timeout"), "{err}");
+        let err = parse(&["berth-agent", "run", "--scope", "pod"]).unwrap_err().to_string();
+        assert!(err.contains("--scope"), "{err}");
+    }
+
+    #[test]
+    fn config_file_sits_between_env_and_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("berth.toml");
+        std::fs::write(&f, "build-memory = \"3Gi\"\nbuild-pids = 100\nlisten = [\"/x.sock\", \"/y.sock\"]\n").unwrap();
+        let argv: Vec<OsString> = ["berth-agent", "run", "--config", f.to_str().unwrap(), "--build-pids", "200"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let cli = Cli::try_parse_from(expand_config(argv).unwrap()).unwrap();
+        let Command::Run(r) = cli.command else { panic!() };
+        assert_eq!(r.limits.build_memory, 3 << 30);
+        assert_eq!(r.limits.build_pids, 200);
+        assert_eq!(r.listen.len(), 2);
+        std::fs::write(&f, "build-memory = [").unwrap();
+        let argv: Vec<OsString> = ["berth-agent", "run", "--config", f.to_str().unwrap()].iter().map(OsString::from).collect();
+        assert!(expand_config(argv).unwrap_err().contains("berth.toml"));
+    }
+}

@@ -1,0 +1,69 @@
+//! berth-agent: one fresh, rootless, limited buildkitd per build client.
+//!
+//! The life of a build, one module per stage:
+//! `listen` (accept, identify the peer) -> `admit` (find or start the
+//! client's instance, hold the connection until it is ready) -> `spawn`
+//! (lease ids, lay out the dir, cgroup, start the shim, readiness) ->
+//! `proxy` (bytes both ways) -> `reap` (idle, daemon exit, shutdown; the
+//! shim wipes) -> `recover` (sweep what a dead agent left).
+
+pub mod admit;
+pub mod check;
+pub mod config;
+pub mod idmap;
+pub mod instance;
+pub mod listen;
+pub mod log;
+pub mod probe;
+pub mod proxy;
+pub mod reap;
+pub mod recover;
+pub mod serve;
+pub mod spawn;
+pub mod status;
+pub mod sys;
+
+use berth_shim::cgroup::Layout;
+use config::RunArgs;
+use idmap::IdPool;
+use instance::Instance;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+/// Everything the stages share.
+pub struct Ctx {
+    pub run: RunArgs,
+    pub node_name: String,
+    pub layout: Layout,
+    pub pool: IdPool,
+    pub shim: PathBuf,
+    /// The daemon binary, resolved against PATH.
+    pub daemon: PathBuf,
+    /// Client key -> its live instance.
+    pub registry: Mutex<HashMap<String, Arc<Instance>>>,
+    /// Set on the first SIGTERM: no new clients.
+    pub draining: watch::Sender<bool>,
+    /// Set when running instances must end now.
+    pub shutdown: watch::Sender<bool>,
+    pub tasks: TaskTracker,
+}
+
+impl Ctx {
+    pub fn instances_dir(&self) -> PathBuf {
+        self.run.host.state_dir.join("instances")
+    }
+}
+
+/// Resolves once the flag is set. (A `wait_for` result holds a lock guard,
+/// which must not live across an await in a `select!`.)
+pub async fn raised(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await.map(|_| ());
+}
+
+/// Resolves once the count satisfies `pred`.
+pub async fn count_until(rx: &mut watch::Receiver<usize>, pred: impl FnMut(&usize) -> bool) {
+    let _ = rx.wait_for(pred).await.map(|_| ());
+}

@@ -1,0 +1,115 @@
+//! Listening: bind the node sockets, accept clients, tell who they are
+//! (SO_PEERCRED plus the peer's cgroup), and hand each connection to
+//! admission and then to the proxy.
+#![forbid(unsafe_code)]
+
+use crate::admit::{admit, Client};
+use crate::config::Scope;
+use crate::{proxy, status, sys, Ctx};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::net::{UnixListener, UnixStream};
+use tonic::Status;
+use tracing::{debug, info, warn, Instrument};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("{path}: exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// Binds a unix socket at `path` with `mode`, replacing a stale socket file.
+pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
+    let io_err = |source| ListenError::Io { path: path.to_path_buf(), source };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io_err)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+            std::fs::remove_file(path).map_err(io_err)?;
+        }
+        Ok(_) => return Err(ListenError::NotASocket { path: path.to_path_buf() }),
+        Err(_) => {}
+    }
+    let l = UnixListener::bind(path).map_err(io_err)?;
+    sys::chmod(path, mode).map_err(io_err)?;
+    Ok(l)
+}
+
+/// Accepts until shutdown. Each connection runs in its own task, so a slow
+/// or hostile client never holds up the others.
+pub async fn serve(ctx: Arc<Ctx>, listener: UnixListener, path: PathBuf) {
+    let mut draining = ctx.draining.subscribe();
+    info!(socket = %path.display(), "listening");
+    loop {
+        tokio::select! {
+            res = listener.accept() => match res {
+                Ok((stream, _)) => {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move { handle(ctx, stream).await });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off rather than spin.
+                    warn!(socket = %path.display(), error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            _ = crate::raised(&mut draining) => break,
+        }
+    }
+}
+
+static CONN_SEQ: AtomicU64 = AtomicU64::new(0);
+
+async fn handle(ctx: Arc<Ctx>, stream: UnixStream) {
+    let client = identify(&ctx, &stream);
+    let span = tracing::info_span!("conn", client = %client.display);
+    async move {
+        match admit(&ctx, &client).await {
+            Ok(guard) => {
+                let inst = guard.instance.clone();
+                let span = tracing::info_span!("proxy", instance = %inst.id);
+                match proxy::pipe(stream, &inst.socket()).instrument(span).await {
+                    Ok((up, down)) => debug!(instance = %inst.id, up, down, "connection closed"),
+                    Err(e) => debug!(instance = %inst.id, error = %e, "connection ended with an error"),
+                }
+                drop(guard);
+            }
+            Err(e) => {
+                warn!(error = %e, "connection refused");
+                status::refuse(stream, Status::from(&e)).await;
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Who the peer is. In client scope the key is the peer's uid, gid and
+/// cgroup (its pod, on a Kubernetes node), so every process of one CI job
+/// reaches the same instance; in connection scope every connection is new.
+fn identify(ctx: &Ctx, stream: &UnixStream) -> Client {
+    let seq = CONN_SEQ.fetch_add(1, Ordering::Relaxed);
+    let cred = stream.peer_cred().ok();
+    let (uid, gid, pid) = cred.map(|c| (c.uid(), c.gid(), c.pid())).unwrap_or((u32::MAX, u32::MAX, None));
+    // The peer may have exited already; then only its uid/gid identify it.
+    let cgroup = pid
+        .and_then(|p| std::fs::read_to_string(ctx.run.host.proc_root.join(p.to_string()).join("cgroup")).ok())
+        .unwrap_or_default();
+    let shown = cgroup
+        .lines()
+        .find(|l| l.starts_with("0::"))
+        .or_else(|| cgroup.lines().find(|l| l.contains(":memory:")))
+        .and_then(|l| l.splitn(3, ':').nth(2))
+        .unwrap_or("?");
+    let display = format!("uid={uid} pid={} cgroup={shown}", pid.map(|p| p.to_string()).unwrap_or("?".into()));
+    let key = match ctx.run.scope {
+        Scope::Client => format!("uid={uid} gid={gid} cgroup={}", cgroup.trim()),
+        Scope::Connection => format!("conn={seq}"),
+    };
+    Client { key, display }
+}

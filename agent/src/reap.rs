@@ -1,0 +1,184 @@
+//! Reaping: an instance ends when its client has been idle past the timeout,
+//! when its daemon exits (crash, OOM kill), or when the agent shuts down. The
+//! shim does the ordered teardown (SIGTERM, grace, SIGKILL of the pid
+//! namespace, empty and remove the cgroup, wipe, release the ids); the agent
+//! asks for it, collects the shim's outcome and records one log line.
+#![forbid(unsafe_code)]
+
+use crate::instance::{unregister, Instance};
+use crate::sys;
+use crate::Ctx;
+use berth_shim::spec::Outcome;
+use nix::sys::signal::Signal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdin};
+use tokio::sync::oneshot;
+use tracing::{error, info, warn};
+
+/// How long past its stop grace a shim may take to wipe before the agent
+/// falls back to `berth-shim delete`.
+const WIPE_BUDGET: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub enum EndCause {
+    Idle,
+    Closed,
+    DaemonExited,
+    Drain,
+    StartFailed(String),
+}
+
+/// A running shim: its pid, its lifeline (stdin: dropping it tells the shim
+/// the agent is gone), and its report, read from stdout by a task.
+pub struct Shim {
+    pid: Option<u32>,
+    id: String,
+    dir: PathBuf,
+    _lifeline: Option<ChildStdin>,
+    done: Option<oneshot::Receiver<Option<Outcome>>>,
+    outcome: Option<Option<Outcome>>,
+}
+
+impl Shim {
+    pub fn new(mut child: Child, id: String, dir: PathBuf) -> Shim {
+        let lifeline = child.stdin.take();
+        let stdout = child.stdout.take();
+        let pid = child.id();
+        let (tx, rx) = oneshot::channel();
+        let tag = id.clone();
+        tokio::spawn(async move {
+            let mut outcome = None;
+            if let Some(out) = stdout {
+                let mut lines = BufReader::new(out).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    match serde_json::from_str::<Outcome>(&line) {
+                        Ok(o) => outcome = Some(o),
+                        Err(e) => warn!(instance = %tag, line, error = %e, "unreadable line from shim"),
+                    }
+                }
+            }
+            let status = child.wait().await;
+            if outcome.is_none() {
+                error!(instance = %tag, ?status, "shim ended without an outcome");
+            }
+            let _ = tx.send(outcome);
+        });
+        Shim { pid, id, dir, _lifeline: lifeline, done: Some(rx), outcome: None }
+    }
+
+    /// Resolves when the shim has ended; cancel-safe, so it can sit in a
+    /// `select!` loop. Later calls return the same outcome at once.
+    pub async fn ended(&mut self) -> Option<Outcome> {
+        if let Some(o) = &self.outcome {
+            return o.clone();
+        }
+        let o = match self.done.as_mut() {
+            Some(rx) => rx.await.unwrap_or(None),
+            None => None,
+        };
+        self.done = None;
+        self.outcome = Some(o.clone());
+        o
+    }
+
+    /// Asks the shim to tear down and waits for its outcome. A shim that does
+    /// not finish in time is killed and the instance deleted from its files.
+    pub async fn stop(&mut self, ctx: &Ctx) -> Option<Outcome> {
+        if self.outcome.is_none() {
+            if let Some(pid) = self.pid {
+                if let Err(e) = sys::signal(pid, Signal::SIGTERM) {
+                    warn!(error = %e, "could not signal the shim");
+                }
+            }
+        }
+        let budget = ctx.run.stop_grace + WIPE_BUDGET;
+        match tokio::time::timeout(budget, self.ended()).await {
+            Ok(o) if o.is_some() => o,
+            res => {
+                if res.is_err() {
+                    error!(pid = ?self.pid, "shim did not finish its wipe in {budget:?}; killing it and deleting from files");
+                    if let Some(pid) = self.pid {
+                        let _ = sys::signal(pid, Signal::SIGKILL);
+                    }
+                }
+                crate::recover::delete(ctx, &self.dir).await.or_else(|| {
+                    error!(instance = %self.id, "delete of instance failed");
+                    None
+                })
+            }
+        }
+    }
+}
+
+/// Serves until the instance should end, and says why. The instance leaves
+/// the registry (so its client's next connection starts a fresh one) before
+/// this returns.
+pub async fn serve_until_end(ctx: &Arc<Ctx>, inst: &Arc<Instance>, shim: &mut Shim, idle: Duration) -> EndCause {
+    let mut conns = inst.conns.subscribe();
+    let mut shutdown = ctx.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = shim.ended() => {
+                unregister(ctx, inst, true);
+                return EndCause::DaemonExited;
+            }
+            _ = crate::raised(&mut shutdown) => {
+                unregister(ctx, inst, true);
+                return EndCause::Drain;
+            }
+            _ = crate::count_until(&mut conns, |c| *c == 0) => {}
+        }
+        tokio::select! {
+            _ = shim.ended() => {
+                unregister(ctx, inst, true);
+                return EndCause::DaemonExited;
+            }
+            _ = crate::raised(&mut shutdown) => {
+                unregister(ctx, inst, true);
+                return EndCause::Drain;
+            }
+            _ = crate::count_until(&mut conns, |c| *c > 0) => continue,
+            _ = tokio::time::sleep(idle) => {
+                if unregister(ctx, inst, false) {
+                    return if idle.is_zero() { EndCause::Closed } else { EndCause::Idle };
+                }
+            }
+        }
+    }
+}
+
+/// The one structured line per instance: who, how long, how much memory,
+/// and whether it was OOM-killed.
+pub fn record(inst: &Instance, cause: EndCause, outcome: Option<&Outcome>) {
+    let oom = outcome.map(|o| o.oom_kills > 0).unwrap_or(false);
+    let reason = match (&cause, outcome) {
+        (EndCause::DaemonExited | EndCause::StartFailed(_), _) if oom => "oom",
+        (EndCause::DaemonExited, Some(o)) if o.pids_limit_hits > 0 => "pids",
+        (EndCause::DaemonExited, _) => "daemon_exit",
+        (EndCause::Idle, _) => "idle",
+        (EndCause::Closed, _) => "closed",
+        (EndCause::Drain, _) => "drain",
+        (EndCause::StartFailed(_), _) => "error",
+    };
+    let leftovers = outcome.map(|o| o.leftovers.join("; ")).unwrap_or_default();
+    info!(
+        instance = %inst.id,
+        client = %inst.client.display,
+        reason,
+        duration_ms = inst.created.elapsed().as_millis() as u64,
+        peak_memory = outcome.and_then(|o| o.peak_memory),
+        oom_killed = oom,
+        pids_limit_hits = outcome.map(|o| o.pids_limit_hits).unwrap_or(0),
+        exit_code = outcome.and_then(|o| o.exit_code),
+        signal = outcome.and_then(|o| o.signal),
+        shim_ms = outcome.map(|o| o.duration_ms),
+        error = match &cause { EndCause::StartFailed(e) => Some(e.as_str()), _ => None },
+        "instance ended"
+    );
+    if !leftovers.is_empty() {
+        error!(instance = %inst.id, leftovers, "instance left something behind");
+    }
+}

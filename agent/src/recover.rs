@@ -1,0 +1,99 @@
+//! Recovery: on start, sweep what an earlier agent left. Every instance dir
+//! is handed to `berth-shim delete`, which works from the dir's files alone;
+//! then leases and cgroups that no instance dir names are removed too (a
+//! crash can fall between creating one and recording it).
+#![forbid(unsafe_code)]
+
+use crate::Ctx;
+use berth_shim::spec::Outcome;
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+use tokio::process::Command;
+use tracing::{error, info, warn};
+
+/// Runs `berth-shim delete <dir>` and returns its outcome.
+pub async fn delete(ctx: &Ctx, dir: &Path) -> Option<Outcome> {
+    let out = Command::new(&ctx.shim)
+        .arg("delete")
+        .arg(dir)
+        .arg("--proc-root")
+        .arg(&ctx.run.host.proc_root)
+        .output()
+        .await;
+    match out {
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let outcome = text.lines().rev().find_map(|l| serde_json::from_str::<Outcome>(l).ok());
+            if outcome.is_none() {
+                error!(dir = %dir.display(), status = ?out.status, stderr = %String::from_utf8_lossy(&out.stderr), "berth-shim delete gave no outcome");
+            }
+            outcome
+        }
+        Err(e) => {
+            error!(dir = %dir.display(), shim = %ctx.shim.display(), error = %e, "cannot run berth-shim delete");
+            None
+        }
+    }
+}
+
+/// What the sweep found and removed.
+#[derive(Debug, Default)]
+pub struct Swept {
+    pub instances: usize,
+    pub leases: usize,
+    pub cgroups: usize,
+    pub failures: usize,
+}
+
+pub async fn sweep(ctx: &Ctx) -> Swept {
+    let mut swept = Swept::default();
+    let mut seen = HashSet::new();
+    if let Ok(rd) = std::fs::read_dir(ctx.instances_dir()) {
+        for entry in rd.flatten() {
+            let dir = entry.path();
+            let id = entry.file_name().to_string_lossy().to_string();
+            seen.insert(id.clone());
+            match delete(ctx, &dir).await {
+                Some(o) if o.leftovers.is_empty() => {
+                    info!(instance = %id, peak_memory = o.peak_memory, oom_killed = o.oom_kills > 0, "swept instance left by an earlier agent");
+                    swept.instances += 1;
+                }
+                Some(o) => {
+                    error!(instance = %id, leftovers = %o.leftovers.join("; "), "sweep could not remove everything");
+                    swept.failures += 1;
+                }
+                None => swept.failures += 1,
+            }
+        }
+    }
+    for (path, id) in ctx.pool.leases() {
+        if !ctx.instances_dir().join(id.trim()).exists() {
+            match std::fs::remove_file(&path) {
+                Ok(()) => swept.leases += 1,
+                Err(e) => warn!(lease = %path.display(), error = %e, "cannot remove stale lease"),
+            }
+        }
+    }
+    for cg in ctx.layout.children("berth-") {
+        let id = cg.file_name().map(|n| n.to_string_lossy().trim_start_matches("berth-").to_string()).unwrap_or_default();
+        // Only names berth gives (berth-<12 hex>): never a parent such as
+        // berth-test, nor another tool's cgroup.
+        let ours = id.len() == 12 && id.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
+        if !ours || ctx.instances_dir().join(&id).exists() {
+            continue;
+        }
+        let spec = berth_shim::spec::CgroupSpec { version: ctx.layout.version, dirs: vec![("any".into(), cg.clone())] };
+        let res = berth_shim::cgroup::kill_all(&spec, Duration::from_secs(5))
+            .and_then(|_| berth_shim::cgroup::remove_dir(&cg, Duration::from_secs(5)));
+        match res {
+            Ok(()) => swept.cgroups += 1,
+            Err(e) => {
+                error!(cgroup = %cg.display(), error = %e, "cannot remove stale cgroup");
+                swept.failures += 1;
+            }
+        }
+    }
+    info!(instances = swept.instances, leases = swept.leases, cgroups = swept.cgroups, failures = swept.failures, "start-up sweep done");
+    swept
+}

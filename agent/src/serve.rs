@@ -1,0 +1,132 @@
+//! The `run` command: validate the host, sweep, listen, and on SIGTERM stop
+//! taking clients and end every instance before exiting.
+#![forbid(unsafe_code)]
+
+use crate::config::RunArgs;
+use crate::idmap::{IdPool, IdmapError};
+use crate::{listen, recover, sys, Ctx};
+use berth_shim::cgroup::{CgroupError, Layout};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("daemon {0:?} not found on PATH: install buildkitd (moby/buildkit, rootless build) or pass --daemon /path/to/buildkitd; to try berth without it, use --daemon target/debug/fakekitd (see README)")]
+    NoDaemon(PathBuf),
+    #[error("berth-shim not found beside {0} nor on PATH; pass --shim /path/to/berth-shim")]
+    NoShim(PathBuf),
+    #[error("state dir: {0}")]
+    StateDir(String),
+    #[error("cgroups: {0}")]
+    Cgroup(#[from] CgroupError),
+    #[error("id-map pool: {0}")]
+    Idmap(#[from] IdmapError),
+    #[error("listen: {0}")]
+    Listen(#[from] listen::ListenError),
+    #[error("signals: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Looks `name` up like execvp would: a path with a slash is taken as is.
+pub fn which(name: &Path) -> Option<PathBuf> {
+    if name.components().count() > 1 {
+        return name.is_file().then(|| name.to_path_buf());
+    }
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|c| c.is_file()))
+        .unwrap_or(None)
+}
+
+/// The shim: `--shim`, else beside the running agent, else on PATH.
+pub fn find_shim(flag: Option<&Path>) -> Result<PathBuf, ServeError> {
+    let exe = std::env::current_exe().unwrap_or_default();
+    if let Some(p) = flag {
+        return which(p).ok_or_else(|| ServeError::NoShim(p.to_path_buf()));
+    }
+    exe.parent()
+        .map(|d| d.join("berth-shim"))
+        .filter(|p| p.is_file())
+        .or_else(|| which(Path::new("berth-shim")))
+        .ok_or(ServeError::NoShim(exe))
+}
+
+pub fn node_name() -> String {
+    std::env::var("NODE_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .or_else(|| nix::unistd::gethostname().ok().map(|h| h.to_string_lossy().to_string()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Prepares the state dir: 0711 down to `instances/`, and every ancestor
+/// searchable by the instances' mapped uids.
+fn prepare_state(state: &Path) -> Result<(), ServeError> {
+    for dir in [state.to_path_buf(), state.join("instances")] {
+        std::fs::create_dir_all(&dir).map_err(|e| ServeError::StateDir(format!("{}: {e}", dir.display())))?;
+        sys::chmod(&dir, 0o711).map_err(|e| ServeError::StateDir(e.to_string()))?;
+    }
+    sys::check_traversable(state).map_err(ServeError::StateDir)
+}
+
+pub async fn run(args: RunArgs) -> Result<(), ServeError> {
+    let daemon = which(&args.host.daemon).ok_or_else(|| ServeError::NoDaemon(args.host.daemon.clone()))?;
+    let shim = find_shim(args.host.shim.as_deref())?;
+    prepare_state(&args.host.state_dir)?;
+    let layout = Layout::detect(&args.host.cgroup_root, &args.host.proc_root, args.host.cgroup_parent.as_deref())?;
+    let pool = IdPool::new(args.host.idmap_base, args.host.idmap_count, args.host.state_dir.join("leases"), Path::new("/etc"))?;
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        daemon = %daemon.display(),
+        shim = %shim.display(),
+        cgroup = ?layout.version,
+        id_ranges = pool.capacity(),
+        build_memory = args.limits.build_memory,
+        build_millicpus = args.limits.build_cpus,
+        build_pids = args.limits.build_pids,
+        scope = ?args.scope,
+        "berth-agent starting"
+    );
+    let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signal)?;
+    let ctx = Arc::new(Ctx {
+        node_name: node_name(),
+        layout,
+        pool,
+        shim,
+        daemon,
+        registry: Mutex::new(HashMap::new()),
+        draining: watch::Sender::new(false),
+        shutdown: watch::Sender::new(false),
+        tasks: TaskTracker::new(),
+        run: args,
+    });
+    recover::sweep(&ctx).await;
+    let mut listeners = Vec::new();
+    for path in &ctx.run.listen {
+        let l = listen::bind(path, ctx.run.socket_mode)?;
+        listeners.push(tokio::spawn(listen::serve(ctx.clone(), l, path.clone())));
+    }
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping"),
+        _ = int.recv() => info!("SIGINT: stopping"),
+    }
+    ctx.draining.send_replace(true);
+    ctx.shutdown.send_replace(true);
+    for l in listeners {
+        let _ = l.await;
+    }
+    for path in &ctx.run.listen {
+        if let Err(e) = std::fs::remove_file(path) {
+            warn!(socket = %path.display(), error = %e, "cannot remove socket");
+        }
+    }
+    ctx.tasks.close();
+    ctx.tasks.wait().await;
+    info!("all instances ended; bye");
+    Ok(())
+}

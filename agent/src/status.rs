@@ -1,0 +1,39 @@
+//! Every error a client can see becomes a `tonic::Status` here, and here it
+//! is sent: the agent never parses the client's gRPC, so to refuse a
+//! connection it answers it as a tiny HTTP/2 server whose every call fails
+//! with that status. buildx and buildctl then print the message as is.
+#![forbid(unsafe_code)]
+
+use crate::admit::AdmitError;
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::time::Duration;
+use tokio::net::UnixStream;
+use tonic::{Code, Status};
+
+/// How long a refused client gets to read its answer.
+const REFUSE_LINGER: Duration = Duration::from_secs(5);
+
+impl From<&AdmitError> for Status {
+    fn from(e: &AdmitError) -> Status {
+        let code = match e {
+            AdmitError::StartFailed { .. } | AdmitError::NotReady { .. } | AdmitError::Gone { .. } => Code::Unavailable,
+            AdmitError::Draining(_) => Code::Unavailable,
+            AdmitError::Exhausted(_) => Code::ResourceExhausted,
+            AdmitError::Internal(_) => Code::Internal,
+        };
+        Status::new(code, format!("berth: {e}"))
+    }
+}
+
+/// Answers every request on `stream` with `status`, then closes it.
+pub async fn refuse(stream: UnixStream, status: Status) {
+    let svc = hyper::service::service_fn(move |_req| {
+        let status = status.clone();
+        async move { Ok::<_, std::convert::Infallible>(status.into_http::<Empty<Bytes>>()) }
+    });
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc);
+    // A garbage client fails the h2 handshake; that ends it too.
+    let _ = tokio::time::timeout(REFUSE_LINGER, conn).await;
+}

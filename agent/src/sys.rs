@@ -1,0 +1,58 @@
+//! The agent's few direct system calls, in one place. All go through nix,
+//! so this module needs no unsafe code.
+#![forbid(unsafe_code)]
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{chown, Gid, Pid, Uid};
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+/// chown that says which path failed.
+pub fn chown_path(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    chown(path, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
+        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("chown {} to {uid}:{gid}: {e}", path.display())))
+}
+
+pub fn chmod(path: &Path, mode: u32) -> io::Result<()> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| io::Error::new(e.kind(), format!("chmod {:o} {}: {e}", mode, path.display())))
+}
+
+/// Sends a signal; a process that is already gone is not an error.
+pub fn signal(pid: u32, sig: Signal) -> io::Result<()> {
+    match kill(Pid::from_raw(pid as i32), sig) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(e) => Err(io::Error::new(io::Error::from(e).kind(), format!("kill -{sig} {pid}: {e}"))),
+    }
+}
+
+/// 12 hex chars from the kernel's random pool: short enough for socket
+/// paths and cgroup names, wide enough never to collide on one node.
+pub fn random_id() -> String {
+    let mut buf = [0u8; 6];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .expect("/dev/urandom is readable");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Every ancestor of `path` must let "others" search it, or the instance's
+/// mapped root (an unprivileged host uid) cannot reach its own dirs.
+pub fn check_traversable(path: &Path) -> Result<(), String> {
+    let mut cur = Some(path);
+    while let Some(p) = cur {
+        if let Ok(meta) = std::fs::metadata(p) {
+            if meta.permissions().mode() & 0o001 == 0 {
+                return Err(format!(
+                    "{} has mode {:o}: the instances' mapped uids cannot traverse it; run chmod o+x {}",
+                    p.display(),
+                    meta.permissions().mode() & 0o7777,
+                    p.display()
+                ));
+            }
+        }
+        cur = p.parent();
+    }
+    Ok(())
+}
