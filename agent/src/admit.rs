@@ -12,9 +12,20 @@ use std::time::Duration;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AdmitError {
     #[error("instance {id} for {client} failed to start: {reason}; daemon stderr: {tail}")]
-    StartFailed { id: String, client: String, reason: String, tail: String },
-    #[error("instance {id} did not answer on its socket within {timeout:?}; daemon stderr: {tail}")]
-    NotReady { id: String, timeout: Duration, tail: String },
+    StartFailed {
+        id: String,
+        client: String,
+        reason: String,
+        tail: String,
+    },
+    #[error(
+        "instance {id} did not answer on its socket within {timeout:?}; daemon stderr: {tail}"
+    )]
+    NotReady {
+        id: String,
+        timeout: Duration,
+        tail: String,
+    },
     #[error("instance {id} ended before this connection could be served; retry")]
     Gone { id: String },
     #[error("node {0} is draining and takes no new builds; retry on another node")]
@@ -42,7 +53,9 @@ pub struct ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.instance.conns.send_modify(|c| *c = c.saturating_sub(1));
+        self.instance
+            .conns
+            .send_modify(|c| *c = c.saturating_sub(1));
     }
 }
 
@@ -57,11 +70,17 @@ pub async fn admit(ctx: &Arc<Ctx>, client: &Client) -> Result<ConnGuard, AdmitEr
         match now {
             Phase::Ready => return Ok(guard),
             Phase::Failed(e) => return Err(e),
-            Phase::Ended => return Err(AdmitError::Gone { id: guard.instance.id.clone() }),
+            Phase::Ended => {
+                return Err(AdmitError::Gone {
+                    id: guard.instance.id.clone(),
+                })
+            }
             Phase::Starting => {}
         }
         if phase.changed().await.is_err() {
-            return Err(AdmitError::Gone { id: guard.instance.id.clone() });
+            return Err(AdmitError::Gone {
+                id: guard.instance.id.clone(),
+            });
         }
     }
 }

@@ -15,7 +15,12 @@ use std::time::Duration;
 pub use berth_shim::cgroup::Limits;
 
 #[derive(Debug, Parser)]
-#[command(name = "berth-agent", version, about = "One fresh, rootless, limited buildkitd per build client", args_override_self = true)]
+#[command(
+    name = "berth-agent",
+    version,
+    about = "One fresh, rootless, limited buildkitd per build client",
+    args_override_self = true
+)]
 pub struct Cli {
     /// TOML file of settings, keys named like the long flags (`build-memory = "4Gi"`).
     #[arg(long, global = true, env = "BERTH_CONFIG", value_name = "FILE")]
@@ -58,6 +63,9 @@ pub struct HostArgs {
     /// The build daemon to run in each instance.
     #[arg(long, env = "BERTH_DAEMON", default_value = "buildkitd")]
     pub daemon: PathBuf,
+    /// Root of the host's /etc (passwd, group, subuid), for the id-pool checks.
+    #[arg(long, env = "BERTH_ETC_ROOT", default_value = "/etc", hide = true)]
+    pub etc_root: PathBuf,
     /// The berth-shim binary; default: beside berth-agent, else on PATH.
     #[arg(long, env = "BERTH_SHIM")]
     pub shim: Option<PathBuf>,
@@ -79,7 +87,11 @@ pub struct LimitArgs {
 
 impl LimitArgs {
     pub fn limits(&self) -> Limits {
-        Limits { memory_bytes: self.build_memory, cpu_millis: self.build_cpus, pids: self.build_pids }
+        Limits {
+            memory_bytes: self.build_memory,
+            cpu_millis: self.build_cpus,
+            pids: self.build_pids,
+        }
     }
 }
 
@@ -139,11 +151,16 @@ pub struct CheckArgs {
 fn parse_unix_url(s: &str) -> Result<PathBuf, String> {
     let path = s.strip_prefix("unix://").unwrap_or(s);
     if !path.starts_with('/') {
-        return Err(format!("{s:?} is not a unix socket address: use unix:///absolute/path.sock"));
+        return Err(format!(
+            "{s:?} is not a unix socket address: use unix:///absolute/path.sock"
+        ));
     }
     // sun_path holds 108 bytes including the NUL.
     if path.len() > 107 {
-        return Err(format!("{path:?} is {} bytes; a unix socket path holds at most 107", path.len()));
+        return Err(format!(
+            "{path:?} is {} bytes; a unix socket path holds at most 107",
+            path.len()
+        ));
     }
     Ok(PathBuf::from(path))
 }
@@ -168,8 +185,10 @@ pub fn expand_config(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
         }
     }
     let Some(path) = path else { return Ok(argv) };
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("config file {}: {e}", path.display()))?;
-    let table: toml::Table = toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("config file {}: {e}", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
     let mut flags = Vec::new();
     for (key, value) in table {
         let values = match value {
@@ -185,7 +204,12 @@ pub fn expand_config(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
                     flags.push(OsString::from(format!("--{key}")));
                     continue;
                 }
-                other => return Err(format!("config file {}: key {key:?}: unsupported value {other}", path.display())),
+                other => {
+                    return Err(format!(
+                        "config file {}: key {key:?}: unsupported value {other}",
+                        path.display()
+                    ))
+                }
             };
             flags.push(OsString::from(format!("--{key}={rendered}")));
         }
@@ -215,28 +239,60 @@ mod tests {
     #[test]
     fn defaults_and_overrides() {
         let cli = parse(&["berth-agent", "run"]).unwrap();
-        let Command::Run(r) = cli.command else { panic!() };
+        let Command::Run(r) = cli.command else {
+            panic!()
+        };
         assert_eq!(r.listen, vec![PathBuf::from("/run/berth/buildkitd.sock")]);
         assert_eq!(r.limits.build_memory, 2 << 30);
         assert_eq!(r.idle_timeout, Duration::from_secs(30));
         assert_eq!(r.scope, Scope::Client);
-        let cli = parse(&["berth-agent", "run", "--build-memory", "1Gi", "--build-memory=512Mi", "--listen", "unix:///a.sock", "--listen", "/b.sock", "--daemon-arg=--debug", "--build-cpus", "500m"]).unwrap();
-        let Command::Run(r) = cli.command else { panic!() };
+        let cli = parse(&[
+            "berth-agent",
+            "run",
+            "--build-memory",
+            "1Gi",
+            "--build-memory=512Mi",
+            "--listen",
+            "unix:///a.sock",
+            "--listen",
+            "/b.sock",
+            "--daemon-arg=--debug",
+            "--build-cpus",
+            "500m",
+        ])
+        .unwrap();
+        let Command::Run(r) = cli.command else {
+            panic!()
+        };
         assert_eq!(r.limits.build_memory, 512 << 20);
         assert_eq!(r.limits.build_cpus, 500);
-        assert_eq!(r.listen, vec![PathBuf::from("/a.sock"), PathBuf::from("/b.sock")]);
+        assert_eq!(
+            r.listen,
+            vec![PathBuf::from("/a.sock"), PathBuf::from("/b.sock")]
+        );
         assert_eq!(r.daemon_args, vec!["--debug".to_string()]);
     }
 
     #[test]
     fn bad_values_name_the_flag() {
-        let err = parse(&["berth-agent", "run", "--build-memory", "4GB"]).unwrap_err().to_string();
-        assert!(err.contains("--build-memory") && err.contains("unknown size suffix"), "{err}");
-        let err = parse(&["berth-agent", "run", "--listen", "tcp://0.0.0.0:1"]).unwrap_err().to_string();
+        let err = parse(&["berth-agent", "run", "--build-memory", "4GB"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--build-memory") && err.contains("unknown size suffix"),
+            "{err}"
+        );
+        let err = parse(&["berth-agent", "run", "--listen", "tcp://0.0.0.0:1"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--listen"), "{err}");
-        let err = parse(&["berth-agent", "run", "--idle-timeout", "soon"]).unwrap_err().to_string();
+        let err = parse(&["berth-agent", "run", "--idle-timeout", "soon"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--idle-timeout"), "{err}");
-        let err = parse(&["berth-agent", "run", "--scope", "pod"]).unwrap_err().to_string();
+        let err = parse(&["berth-agent", "run", "--scope", "pod"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--scope"), "{err}");
     }
 
@@ -244,18 +300,34 @@ mod tests {
     fn config_file_sits_between_env_and_command_line() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("berth.toml");
-        std::fs::write(&f, "build-memory = \"3Gi\"\nbuild-pids = 100\nlisten = [\"/x.sock\", \"/y.sock\"]\n").unwrap();
-        let argv: Vec<OsString> = ["berth-agent", "run", "--config", f.to_str().unwrap(), "--build-pids", "200"]
-            .iter()
-            .map(OsString::from)
-            .collect();
+        std::fs::write(
+            &f,
+            "build-memory = \"3Gi\"\nbuild-pids = 100\nlisten = [\"/x.sock\", \"/y.sock\"]\n",
+        )
+        .unwrap();
+        let argv: Vec<OsString> = [
+            "berth-agent",
+            "run",
+            "--config",
+            f.to_str().unwrap(),
+            "--build-pids",
+            "200",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
         let cli = Cli::try_parse_from(expand_config(argv).unwrap()).unwrap();
-        let Command::Run(r) = cli.command else { panic!() };
+        let Command::Run(r) = cli.command else {
+            panic!()
+        };
         assert_eq!(r.limits.build_memory, 3 << 30);
         assert_eq!(r.limits.build_pids, 200);
         assert_eq!(r.listen.len(), 2);
         std::fs::write(&f, "build-memory = [").unwrap();
-        let argv: Vec<OsString> = ["berth-agent", "run", "--config", f.to_str().unwrap()].iter().map(OsString::from).collect();
+        let argv: Vec<OsString> = ["berth-agent", "run", "--config", f.to_str().unwrap()]
+            .iter()
+            .map(OsString::from)
+            .collect();
         assert!(expand_config(argv).unwrap_err().contains("berth.toml"));
     }
 }

@@ -20,7 +20,9 @@ pub enum IdmapError {
     Overflow { base: u32, count: u32 },
     #[error("--idmap-base {base} overlaps host ids: {what} uses id {id}; pick a base above it")]
     HostIds { base: u32, what: String, id: u32 },
-    #[error("all {0} id ranges of the pool are leased; raise --idmap-count or lower the concurrency")]
+    #[error(
+        "all {0} id ranges of the pool are leased; raise --idmap-count or lower the concurrency"
+    )]
     Exhausted(u32),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
@@ -45,11 +47,21 @@ impl IdPool {
         if base.checked_add(count - 1).is_none() {
             return Err(IdmapError::Overflow { base, count });
         }
-        if let Some((what, id)) = highest_host_id(etc).filter(|(_, id)| *id >= base && *id < base + (count - 1)) {
+        if let Some((what, id)) =
+            highest_host_id(etc).filter(|(_, id)| *id >= base && *id < base + (count - 1))
+        {
             return Err(IdmapError::HostIds { base, what, id });
         }
-        fs::create_dir_all(&leases).map_err(|source| IdmapError::Io { path: leases.clone(), source })?;
-        Ok(IdPool { base, ranges: count / IDS_PER_INSTANCE, dir: leases, cursor: AtomicU32::new(0) })
+        fs::create_dir_all(&leases).map_err(|source| IdmapError::Io {
+            path: leases.clone(),
+            source,
+        })?;
+        Ok(IdPool {
+            base,
+            ranges: count / IDS_PER_INSTANCE,
+            dir: leases,
+            cursor: AtomicU32::new(0),
+        })
     }
 
     pub fn capacity(&self) -> u32 {
@@ -65,11 +77,22 @@ impl IdPool {
         let start = self.cursor.fetch_add(1, Ordering::Relaxed);
         for i in 0..self.ranges {
             let slot = (start + i) % self.ranges;
-            let range = IdRange { host_base: self.base + slot * IDS_PER_INSTANCE, count: IDS_PER_INSTANCE };
+            let range = IdRange {
+                host_base: self.base + slot * IDS_PER_INSTANCE,
+                count: IDS_PER_INSTANCE,
+            };
             let path = self.lease_path(&range);
-            match fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
                 Ok(mut f) => {
-                    f.write_all(id.as_bytes()).map_err(|source| IdmapError::Io { path: path.clone(), source })?;
+                    f.write_all(id.as_bytes())
+                        .map_err(|source| IdmapError::Io {
+                            path: path.clone(),
+                            source,
+                        })?;
                     self.cursor.store(slot + 1, Ordering::Relaxed);
                     return Ok((range, path));
                 }
@@ -82,7 +105,9 @@ impl IdPool {
 
     /// Leases on disk: `(path, instance id)`; for the sweep.
     pub fn leases(&self) -> Vec<(PathBuf, String)> {
-        let Ok(rd) = fs::read_dir(&self.dir) else { return Vec::new() };
+        let Ok(rd) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
         rd.flatten()
             .map(|e| (e.path(), fs::read_to_string(e.path()).unwrap_or_default()))
             .collect()
@@ -95,7 +120,9 @@ fn highest_host_id(etc: &Path) -> Option<(String, u32)> {
     let mut best: Option<(String, u32)> = None;
     for file in ["passwd", "group"] {
         let path = etc.join(file);
-        let Ok(text) = fs::read_to_string(&path) else { continue };
+        let Ok(text) = fs::read_to_string(&path) else {
+            continue;
+        };
         for line in text.lines() {
             let mut f = line.split(':');
             let name = f.next().unwrap_or("");
@@ -138,11 +165,20 @@ mod tests {
     #[test]
     fn rejects_bad_pools() {
         let t = tempfile::tempdir().unwrap();
-        assert!(matches!(pool(t.path(), 1 << 20, 1000), Err(IdmapError::Count(1000))));
-        assert!(matches!(pool(t.path(), u32::MAX - 10, 65536), Err(IdmapError::Overflow { .. })));
+        assert!(matches!(
+            pool(t.path(), 1 << 20, 1000),
+            Err(IdmapError::Count(1000))
+        ));
+        assert!(matches!(
+            pool(t.path(), u32::MAX - 10, 65536),
+            Err(IdmapError::Overflow { .. })
+        ));
         fs::create_dir_all(t.path().join("etc")).unwrap();
         fs::write(t.path().join("etc/passwd"), "root:x:0:0::/root:/bin/sh\nbig:x:200000:200000::/:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n").unwrap();
-        let err = pool(t.path(), 100_000, 4 * 65536).err().unwrap().to_string();
+        let err = pool(t.path(), 100_000, 4 * 65536)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("200000") && err.contains("big"), "{err}");
         assert!(pool(t.path(), 300_000, 65536).is_ok());
     }

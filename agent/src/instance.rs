@@ -45,7 +45,9 @@ impl Instance {
     }
 
     pub fn socket(&self) -> PathBuf {
-        self.dir.join(berth_shim::spec::RUN_DIR).join(berth_shim::spec::SOCKET_NAME)
+        self.dir
+            .join(berth_shim::spec::RUN_DIR)
+            .join(berth_shim::spec::SOCKET_NAME)
     }
 }
 
@@ -64,7 +66,10 @@ pub fn unregister(ctx: &Ctx, inst: &Arc<Instance>, force: bool) -> bool {
     if !force && *inst.conns.borrow() > 0 {
         return false;
     }
-    if reg.get(&inst.client.key).is_some_and(|i| Arc::ptr_eq(i, inst)) {
+    if reg
+        .get(&inst.client.key)
+        .is_some_and(|i| Arc::ptr_eq(i, inst))
+    {
         reg.remove(&inst.client.key);
     }
     true
@@ -82,13 +87,20 @@ async fn life(ctx: Arc<Ctx>, inst: Arc<Instance>) {
     };
     match spawn::wait_ready(&ctx, &inst, &mut shim).await {
         Ok(()) => {
-            info!(start_ms = inst.created.elapsed().as_millis() as u64, "instance ready");
+            info!(
+                start_ms = inst.created.elapsed().as_millis() as u64,
+                "instance ready"
+            );
             inst.phase.send_replace(Phase::Ready);
         }
         Err((e, outcome)) => {
             unregister(&ctx, &inst, true);
             inst.phase.send_replace(Phase::Failed(e.clone()));
-            reap::record(&inst, EndCause::StartFailed(e.to_string()), outcome.as_ref());
+            reap::record(
+                &inst,
+                EndCause::StartFailed(e.to_string()),
+                outcome.as_ref(),
+            );
             return;
         }
     }

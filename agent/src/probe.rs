@@ -31,9 +31,18 @@ pub async fn channel(socket: &Path) -> Result<Channel, tonic::transport::Error> 
 
 /// True when the daemon on `socket` reports SERVING.
 pub async fn ready(socket: &Path) -> bool {
-    let Ok(ch) = channel(socket).await else { return false };
+    let Ok(ch) = channel(socket).await else {
+        return false;
+    };
     let mut client = HealthClient::new(ch);
-    match tokio::time::timeout(ATTEMPT_TIMEOUT, client.check(HealthCheckRequest { service: String::new() })).await {
+    match tokio::time::timeout(
+        ATTEMPT_TIMEOUT,
+        client.check(HealthCheckRequest {
+            service: String::new(),
+        }),
+    )
+    .await
+    {
         Ok(Ok(resp)) => resp.into_inner().status == ServingStatus::Serving as i32,
         _ => false,
     }

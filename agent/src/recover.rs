@@ -24,7 +24,10 @@ pub async fn delete(ctx: &Ctx, dir: &Path) -> Option<Outcome> {
     match out {
         Ok(out) => {
             let text = String::from_utf8_lossy(&out.stdout);
-            let outcome = text.lines().rev().find_map(|l| serde_json::from_str::<Outcome>(l).ok());
+            let outcome = text
+                .lines()
+                .rev()
+                .find_map(|l| serde_json::from_str::<Outcome>(l).ok());
             if outcome.is_none() {
                 error!(dir = %dir.display(), status = ?out.status, stderr = %String::from_utf8_lossy(&out.stderr), "berth-shim delete gave no outcome");
             }
@@ -76,14 +79,23 @@ pub async fn sweep(ctx: &Ctx) -> Swept {
         }
     }
     for cg in ctx.layout.children("berth-") {
-        let id = cg.file_name().map(|n| n.to_string_lossy().trim_start_matches("berth-").to_string()).unwrap_or_default();
+        let id = cg
+            .file_name()
+            .map(|n| n.to_string_lossy().trim_start_matches("berth-").to_string())
+            .unwrap_or_default();
         // Only names berth gives (berth-<12 hex>): never a parent such as
         // berth-test, nor another tool's cgroup.
-        let ours = id.len() == 12 && id.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
+        let ours = id.len() == 12
+            && id
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
         if !ours || ctx.instances_dir().join(&id).exists() {
             continue;
         }
-        let spec = berth_shim::spec::CgroupSpec { version: ctx.layout.version, dirs: vec![("any".into(), cg.clone())] };
+        let spec = berth_shim::spec::CgroupSpec {
+            version: ctx.layout.version,
+            dirs: vec![("any".into(), cg.clone())],
+        };
         let res = berth_shim::cgroup::kill_all(&spec, Duration::from_secs(5))
             .and_then(|_| berth_shim::cgroup::remove_dir(&cg, Duration::from_secs(5)));
         match res {
@@ -94,6 +106,12 @@ pub async fn sweep(ctx: &Ctx) -> Swept {
             }
         }
     }
-    info!(instances = swept.instances, leases = swept.leases, cgroups = swept.cgroups, failures = swept.failures, "start-up sweep done");
+    info!(
+        instances = swept.instances,
+        leases = swept.leases,
+        cgroups = swept.cgroups,
+        failures = swept.failures,
+        "start-up sweep done"
+    );
     swept
 }

@@ -24,7 +24,10 @@ use tracing::debug;
 /// Creates the instance on disk and in the cgroup tree, and starts its shim.
 pub async fn start(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, AdmitError> {
     let internal = |what: String| AdmitError::Internal(format!("instance {}: {what}", inst.id));
-    let (ids, lease) = ctx.pool.lease(&inst.id).map_err(|e| AdmitError::Exhausted(format!("node {}: {e}", ctx.node_name)))?;
+    let (ids, lease) = ctx
+        .pool
+        .lease(&inst.id)
+        .map_err(|e| AdmitError::Exhausted(format!("node {}: {e}", ctx.node_name)))?;
     let undo_lease = |e: AdmitError| {
         let _ = fs::remove_file(&lease);
         e
@@ -48,7 +51,10 @@ pub async fn start(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, AdmitEr
         let _ = fs::remove_dir_all(dir);
         return Err(undo_lease(internal(e)));
     }
-    if let Err(e) = ctx.layout.create(&format!("berth-{}", inst.id), &ctx.run.limits.limits()) {
+    if let Err(e) = ctx
+        .layout
+        .create(&format!("berth-{}", inst.id), &ctx.run.limits.limits())
+    {
         let _ = fs::remove_dir_all(dir);
         return Err(undo_lease(internal(e.to_string())));
     }
@@ -67,7 +73,10 @@ pub async fn start(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, AdmitEr
             // The shim never ran: clean up as it would have.
             let _ = berth_shim::cgroup::remove(&spec.cgroup, Duration::from_secs(1));
             let _ = fs::remove_dir_all(dir);
-            Err(undo_lease(internal(format!("starting {}: {e}", ctx.shim.display()))))
+            Err(undo_lease(internal(format!(
+                "starting {}: {e}",
+                ctx.shim.display()
+            ))))
         }
     }
 }
@@ -88,9 +97,18 @@ fn daemon_args(ctx: &Ctx, socket: &Path, root: &Path) -> Vec<String> {
 /// host-wide paths such as /run/runc between instances).
 fn daemon_env(id: &str, dir: &Path) -> Vec<(String, String)> {
     vec![
-        ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
-        ("HOME".into(), dir.join(spec::HOME_DIR).display().to_string()),
-        ("XDG_RUNTIME_DIR".into(), dir.join(spec::RUN_DIR).display().to_string()),
+        (
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ),
+        (
+            "HOME".into(),
+            dir.join(spec::HOME_DIR).display().to_string(),
+        ),
+        (
+            "XDG_RUNTIME_DIR".into(),
+            dir.join(spec::RUN_DIR).display().to_string(),
+        ),
         ("USER".into(), "berth".into()),
         ("BERTH_INSTANCE".into(), id.into()),
     ]
@@ -116,7 +134,11 @@ fn lay_out(spec: &Spec) -> Result<(), String> {
 /// Waits until the daemon answers a real gRPC call on its socket (the socket
 /// file exists before the daemon serves). On failure the shim has ended and
 /// its outcome (with the daemon's stderr tail) is returned with the error.
-pub async fn wait_ready(ctx: &Arc<Ctx>, inst: &Arc<Instance>, shim: &mut Shim) -> Result<(), (AdmitError, Option<Outcome>)> {
+pub async fn wait_ready(
+    ctx: &Arc<Ctx>,
+    inst: &Arc<Instance>,
+    shim: &mut Shim,
+) -> Result<(), (AdmitError, Option<Outcome>)> {
     let deadline = Instant::now() + ctx.run.start_timeout;
     let socket = inst.socket();
     let mut backoff = Duration::from_millis(2);
@@ -126,8 +148,18 @@ pub async fn wait_ready(ctx: &Arc<Ctx>, inst: &Arc<Instance>, shim: &mut Shim) -
         }
         if Instant::now() >= deadline {
             let outcome = shim.stop(ctx).await;
-            let tail = outcome.as_ref().map(|o| o.stderr_tail.clone()).unwrap_or_default();
-            return Err((AdmitError::NotReady { id: inst.id.clone(), timeout: ctx.run.start_timeout, tail }, outcome));
+            let tail = outcome
+                .as_ref()
+                .map(|o| o.stderr_tail.clone())
+                .unwrap_or_default();
+            return Err((
+                AdmitError::NotReady {
+                    id: inst.id.clone(),
+                    timeout: ctx.run.start_timeout,
+                    tail,
+                },
+                outcome,
+            ));
         }
         tokio::select! {
             outcome = shim.ended() => {

@@ -10,20 +10,31 @@ use std::path::Path;
 
 /// chown that says which path failed.
 pub fn chown_path(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
-    chown(path, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
-        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("chown {} to {uid}:{gid}: {e}", path.display())))
+    chown(path, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("chown {} to {uid}:{gid}: {e}", path.display()),
+        )
+    })
 }
 
 pub fn chmod(path: &Path, mode: u32) -> io::Result<()> {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| io::Error::new(e.kind(), format!("chmod {:o} {}: {e}", mode, path.display())))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("chmod {:o} {}: {e}", mode, path.display()),
+        )
+    })
 }
 
 /// Sends a signal; a process that is already gone is not an error.
 pub fn signal(pid: u32, sig: Signal) -> io::Result<()> {
     match kill(Pid::from_raw(pid as i32), sig) {
         Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
-        Err(e) => Err(io::Error::new(io::Error::from(e).kind(), format!("kill -{sig} {pid}: {e}"))),
+        Err(e) => Err(io::Error::new(
+            io::Error::from(e).kind(),
+            format!("kill -{sig} {pid}: {e}"),
+        )),
     }
 }
 
@@ -55,4 +66,21 @@ pub fn check_traversable(path: &Path) -> Result<(), String> {
         cur = p.parent();
     }
     Ok(())
+}
+
+/// The filesystem type of `path`, by statfs magic, for the state-dir check.
+pub fn fs_type(path: &Path) -> io::Result<String> {
+    use nix::sys::statfs::{
+        statfs, BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, OVERLAYFS_SUPER_MAGIC, TMPFS_MAGIC,
+        XFS_SUPER_MAGIC,
+    };
+    let t = statfs(path).map_err(io::Error::from)?.filesystem_type();
+    Ok(match t {
+        t if t == OVERLAYFS_SUPER_MAGIC => "overlayfs".into(),
+        t if t == TMPFS_MAGIC => "tmpfs".into(),
+        t if t == EXT4_SUPER_MAGIC => "ext4".into(),
+        t if t == XFS_SUPER_MAGIC => "xfs".into(),
+        t if t == BTRFS_SUPER_MAGIC => "btrfs".into(),
+        other => format!("fs magic {:#x}", other.0),
+    })
 }

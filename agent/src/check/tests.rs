@@ -1,0 +1,156 @@
+use super::*;
+use crate::config::{Cli, Command as Cmd};
+use clap::Parser;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+
+/// A fake host: proc, cgroup v2 tree, etc, state dir; all healthy.
+struct Host {
+    t: tempfile::TempDir,
+}
+
+impl Host {
+    fn new() -> Host {
+        let t = tempfile::tempdir().unwrap();
+        fs::set_permissions(t.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let p = t.path();
+        fs::create_dir_all(p.join("proc/sys/user")).unwrap();
+        fs::create_dir_all(p.join("proc/self")).unwrap();
+        fs::write(p.join("proc/sys/user/max_user_namespaces"), "15000\n").unwrap();
+        fs::write(
+            p.join("proc/self/mountinfo"),
+            "22 1 0:21 / /proc rw - proc proc rw\n",
+        )
+        .unwrap();
+        fs::write(p.join("proc/self/cgroup"), "0::/agent\n").unwrap();
+        fs::create_dir_all(p.join("cg/agent")).unwrap();
+        fs::write(p.join("cg/cgroup.controllers"), "cpu memory pids\n").unwrap();
+        fs::write(p.join("cg/agent/cgroup.controllers"), "cpu memory pids\n").unwrap();
+        fs::create_dir_all(p.join("etc")).unwrap();
+        fs::write(p.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+        Host { t }
+    }
+    fn p(&self, rel: &str) -> String {
+        self.t.path().join(rel).display().to_string()
+    }
+    fn args(&self, extra: &[&str]) -> CheckArgs {
+        let mut argv = vec!["berth-agent".to_string(), "check".into()];
+        for (k, v) in [
+            ("--proc-root", "proc"),
+            ("--cgroup-root", "cg"),
+            ("--etc-root", "etc"),
+            ("--state-dir", "state"),
+        ] {
+            argv.push(k.into());
+            argv.push(self.p(v));
+        }
+        argv.extend(["--daemon".into(), "true".into()]);
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        match Cli::try_parse_from(argv).unwrap().command {
+            Cmd::Check(a) => a,
+            _ => unreachable!(),
+        }
+    }
+    fn item(&self, name: &str, extra: &[&str]) -> Item {
+        run_checks(&self.args(extra))
+            .into_iter()
+            .find(|i| i.name == name)
+            .unwrap()
+    }
+}
+
+#[test]
+fn healthy_fake_host_passes_every_file_based_check() {
+    let h = Host::new();
+    for i in run_checks(&h.args(&[])) {
+        if i.name != "runc" {
+            assert_eq!(i.level, Level::Ok, "{i}");
+        }
+    }
+}
+
+#[test]
+fn userns_disabled_is_a_failure_with_the_sysctl_fix() {
+    let h = Host::new();
+    fs::write(h.p("proc/sys/user/max_user_namespaces"), "0\n").unwrap();
+    let i = h.item("user namespaces", &[]);
+    assert_eq!(i.level, Level::Fail);
+    assert!(i.fix.unwrap().contains("user.max_user_namespaces"));
+}
+
+#[test]
+fn masked_proc_is_detected() {
+    let h = Host::new();
+    fs::write(
+        h.p("proc/self/mountinfo"),
+        "22 1 0:21 / /proc rw - proc proc rw\n30 22 0:5 /null /proc/kcore rw - devtmpfs udev rw\n",
+    )
+    .unwrap();
+    let i = h.item("/proc unmasked", &[]);
+    assert_eq!(i.level, Level::Fail, "{i}");
+    assert!(i.detail.contains("/proc/kcore"));
+}
+
+#[test]
+fn pool_over_host_ids_fails_and_subuid_overlap_warns() {
+    let h = Host::new();
+    fs::write(
+        h.p("etc/passwd"),
+        "root:x:0:0::/root:/bin/sh\nci:x:1100000:1100000::/:/bin/sh\n",
+    )
+    .unwrap();
+    let i = h.item("id-map pool", &[]);
+    assert_eq!(i.level, Level::Fail, "{i}");
+    assert!(i.detail.contains("1100000"));
+    fs::write(h.p("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+    fs::write(h.p("etc/subuid"), "podman:1048576:65536\n").unwrap();
+    let i = h.item("id-map pool", &[]);
+    assert_eq!(i.level, Level::Warn, "{i}");
+    let i = h.item("id-map pool", &["--idmap-count", "1000"]);
+    assert_eq!(i.level, Level::Fail, "{i}");
+}
+
+#[test]
+fn undelegated_cgroup_controllers_fail() {
+    let h = Host::new();
+    fs::write(h.p("cg/agent/cgroup.controllers"), "cpu\n").unwrap();
+    let i = h.item("cgroups", &[]);
+    assert_eq!(i.level, Level::Fail, "{i}");
+    assert!(i.detail.contains("memory"));
+}
+
+#[test]
+fn missing_daemon_fails_and_present_one_reports_its_version() {
+    let h = Host::new();
+    let i = h.item("daemon", &["--daemon", "/nonexistent/buildkitd"]);
+    assert_eq!(i.level, Level::Fail);
+    assert!(i.fix.unwrap().contains("--daemon"));
+    let i = h.item("daemon", &[]);
+    assert_eq!(i.level, Level::Ok, "{i}");
+    assert!(i.detail.contains("true"), "{i}");
+}
+
+#[test]
+fn runc_is_required_for_buildkitd_only() {
+    let t = tempfile::tempdir().unwrap();
+    let empty = t.path().display().to_string();
+    assert_eq!(runc(Path::new("buildkitd"), &empty).level, Level::Fail);
+    assert_eq!(runc(Path::new("fakekitd"), &empty).level, Level::Warn);
+    let fake = t.path().join("runc");
+    fs::write(&fake, "#!/bin/sh\necho 'runc version 1.1.5'\n").unwrap();
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    let i = runc(Path::new("buildkitd"), &empty);
+    assert_eq!(i.level, Level::Ok, "{i}");
+    assert!(i.detail.contains("1.1.5"));
+}
+
+#[test]
+fn untraversable_state_dir_fails() {
+    let h = Host::new();
+    fs::create_dir_all(h.p("locked/state")).unwrap();
+    fs::set_permissions(h.p("locked"), fs::Permissions::from_mode(0o700)).unwrap();
+    let state = h.p("locked/state");
+    let i = h.item("state dir", &["--state-dir", &state]);
+    assert_eq!(i.level, Level::Fail, "{i}");
+    assert!(i.fix.unwrap().contains("o+x"));
+}
