@@ -80,6 +80,9 @@ pub struct LimitArgs {
     /// CPU limit of one build (2, 0.5 or 500m).
     #[arg(long, env = "BERTH_BUILD_CPUS", default_value = "2", value_parser = quantity::parse_millicpus)]
     pub build_cpus: u64,
+    /// Disk budget of one build: buildkit's gc keeps its cache under this.
+    #[arg(long, env = "BERTH_BUILD_DISK", default_value = "20Gi", value_parser = quantity::parse_bytes)]
+    pub build_disk: u64,
     /// Most processes and threads in one build.
     #[arg(long, env = "BERTH_BUILD_PIDS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(8..))]
     pub build_pids: u64,

@@ -7,6 +7,8 @@
 //! any point is named by a file the next agent's sweep reads.
 #![forbid(unsafe_code)]
 
+pub mod buildkitd;
+
 use crate::admit::AdmitError;
 use crate::instance::Instance;
 use crate::reap::Shim;
@@ -39,7 +41,7 @@ pub async fn start(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, AdmitEr
         dir: dir.clone(),
         ids,
         daemon: ctx.daemon.clone(),
-        args: daemon_args(ctx, &inst.socket(), &dir.join(spec::ROOT_DIR)),
+        args: daemon_args(ctx, dir, &inst.socket(), &dir.join(spec::ROOT_DIR)),
         env: daemon_env(&inst.id, dir),
         cgroup,
         stop_grace_ms: ctx.run.stop_grace.as_millis() as u64,
@@ -47,7 +49,8 @@ pub async fn start(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, AdmitEr
         hostname: format!("berth-{}", inst.id),
         client: inst.client.display.clone(),
     };
-    if let Err(e) = lay_out(&spec) {
+    let config = buildkitd::render(&spec, ctx.run.limits.build_cpus, ctx.run.limits.build_disk);
+    if let Err(e) = lay_out(&spec, &config) {
         let _ = fs::remove_dir_all(dir);
         return Err(undo_lease(internal(e)));
     }
@@ -81,12 +84,16 @@ pub async fn start(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, AdmitEr
     }
 }
 
-fn daemon_args(ctx: &Ctx, socket: &Path, root: &Path) -> Vec<String> {
+fn daemon_args(ctx: &Ctx, dir: &Path, socket: &Path, root: &Path) -> Vec<String> {
     let mut args = vec![
         "--addr".to_string(),
         format!("unix://{}", socket.display()),
         "--root".to_string(),
         root.display().to_string(),
+        "--config".to_string(),
+        dir.join(buildkitd::FILE).display().to_string(),
+        "--otel-socket-path".to_string(),
+        dir.join(spec::RUN_DIR).join(buildkitd::OTEL_SOCKET).display().to_string(),
     ];
     args.extend(ctx.run.daemon_args.iter().cloned());
     args
@@ -116,13 +123,16 @@ fn daemon_env(id: &str, dir: &Path) -> Vec<(String, String)> {
 
 /// The instance dir (root's, 0711 so the mapped root can reach its subdirs)
 /// and the subdirs owned by the instance's root.
-fn lay_out(spec: &Spec) -> Result<(), String> {
+fn lay_out(spec: &Spec, config: &str) -> Result<(), String> {
     let mk = |p: &Path, mode: u32| -> Result<(), String> {
         fs::create_dir(p).map_err(|e| format!("mkdir {}: {e}", p.display()))?;
         sys::chmod(p, mode).map_err(|e| e.to_string())
     };
     mk(&spec.dir, 0o711)?;
     spec.store().map_err(|e| e.to_string())?;
+    let cfg = spec.dir.join(buildkitd::FILE);
+    fs::write(&cfg, config).map_err(|e| format!("write {}: {e}", cfg.display()))?;
+    sys::chmod(&cfg, 0o644).map_err(|e| e.to_string())?;
     for sub in [spec::ROOT_DIR, spec::RUN_DIR, spec::HOME_DIR] {
         let p = spec.dir.join(sub);
         mk(&p, 0o700)?;
