@@ -35,6 +35,73 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Preflight: can this node run berth? Exits non-zero with a fix per missing piece.
     Check(CheckArgs),
+    /// Build slots of this node or of a given node shape, and pool sizing.
+    Capacity(CapacityCmd),
+}
+
+/// How many builds run at once: `auto` (from node size, reserves and
+/// per-build limits) or a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxBuilds {
+    Auto,
+    Fixed(u64),
+}
+
+fn parse_max_builds(s: &str) -> Result<MaxBuilds, String> {
+    if s == "auto" {
+        return Ok(MaxBuilds::Auto);
+    }
+    match s.parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(MaxBuilds::Fixed(n)),
+        _ => Err(format!("{s:?}: use auto or a whole number of at least 1")),
+    }
+}
+
+/// Slots and reserves, shared by `run` and `capacity`.
+#[derive(Debug, Clone, Args)]
+pub struct CapacityArgs {
+    /// Concurrent builds on this node: auto or a number.
+    #[arg(long, env = "BERTH_MAX_BUILDS", default_value = "auto", value_parser = parse_max_builds)]
+    pub max_builds: MaxBuilds,
+    /// Memory kept back for the node itself (kubelet, system daemons).
+    #[arg(long, env = "BERTH_RESERVE_MEMORY", default_value = "1Gi", value_parser = quantity::parse_bytes)]
+    pub reserve_memory: u64,
+    /// CPU kept back for the node itself.
+    #[arg(long, env = "BERTH_RESERVE_CPUS", default_value = "500m", value_parser = quantity::parse_millicpus_or_zero)]
+    pub reserve_cpus: u64,
+}
+
+impl CapacityArgs {
+    pub fn reserve(&self) -> crate::capacity::Shape {
+        crate::capacity::Shape { memory: self.reserve_memory, millicpus: self.reserve_cpus }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CapacityCmd {
+    #[command(flatten)]
+    pub host: HostArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
+    pub capacity: CapacityArgs,
+    /// Plan for a node of this memory instead of this node.
+    #[arg(long, value_parser = quantity::parse_bytes)]
+    pub node_memory: Option<u64>,
+    /// Plan for a node of this many CPUs instead of this node.
+    #[arg(long, value_parser = quantity::parse_millicpus)]
+    pub node_cpus: Option<u64>,
+    /// Concurrent builds the pool must carry: prints the nodes needed.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub target_concurrency: Option<u64>,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
 }
 
 /// Where berth looks at and writes to the host. Configurable so that unit
@@ -78,7 +145,7 @@ pub struct LimitArgs {
     #[arg(long, env = "BERTH_BUILD_MEMORY", default_value = "2Gi", value_parser = quantity::parse_bytes)]
     pub build_memory: u64,
     /// CPU limit of one build (2, 0.5 or 500m).
-    #[arg(long, env = "BERTH_BUILD_CPUS", default_value = "2", value_parser = quantity::parse_millicpus)]
+    #[arg(long, env = "BERTH_BUILD_CPUS", default_value = "1", value_parser = quantity::parse_millicpus)]
     pub build_cpus: u64,
     /// Disk budget of one build: buildkit's gc keeps its cache under this.
     #[arg(long, env = "BERTH_BUILD_DISK", default_value = "20Gi", value_parser = quantity::parse_bytes)]
@@ -118,6 +185,14 @@ pub struct RunArgs {
     pub host: HostArgs,
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub capacity: CapacityArgs,
+    /// Clients beyond the slots wait in a FIFO queue of at most this many; 0: no queue.
+    #[arg(long, env = "BERTH_QUEUE_SIZE", default_value_t = 16)]
+    pub queue_size: usize,
+    /// The longest a client waits in the queue.
+    #[arg(long, env = "BERTH_QUEUE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub queue_timeout: Duration,
     /// Socket to serve build clients on (repeatable).
     #[arg(long = "listen", env = "BERTH_LISTEN", value_delimiter = ',', default_value = "unix:///run/berth/buildkitd.sock", value_parser = parse_unix_url)]
     pub listen: Vec<PathBuf>,
@@ -141,6 +216,22 @@ pub struct RunArgs {
     pub scope: Scope,
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Address of /healthz, /readyz and /metrics; `off` disables them.
+    #[arg(long, env = "BERTH_HTTP_ADDR", default_value = "0.0.0.0:9411", value_parser = parse_http_addr)]
+    pub http_addr: HttpAddr,
+}
+
+/// `--http-addr`: a socket address or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpAddr(pub Option<std::net::SocketAddr>);
+
+fn parse_http_addr(s: &str) -> Result<HttpAddr, String> {
+    if s == "off" {
+        return Ok(HttpAddr(None));
+    }
+    s.parse()
+        .map(|a| HttpAddr(Some(a)))
+        .map_err(|_| format!("{s:?} is not an address like 0.0.0.0:9411 (or off)"))
 }
 
 #[derive(Debug, Clone, Args)]

@@ -10,7 +10,7 @@ use crate::Ctx;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tracing::{info, warn, Instrument};
 
 #[derive(Debug, Clone)]
@@ -29,10 +29,12 @@ pub struct Instance {
     /// Active connections.
     pub conns: watch::Sender<usize>,
     pub created: Instant,
+    /// The build slot, held from spawn until the wipe is done.
+    slot: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
 }
 
 impl Instance {
-    pub fn new(ctx: &Ctx, client: &Client) -> Arc<Instance> {
+    pub fn new(ctx: &Ctx, client: &Client, slot: OwnedSemaphorePermit) -> Arc<Instance> {
         let id = crate::sys::random_id();
         Arc::new(Instance {
             dir: ctx.instances_dir().join(&id),
@@ -41,6 +43,7 @@ impl Instance {
             phase: watch::Sender::new(Phase::Starting),
             conns: watch::Sender::new(0),
             created: Instant::now(),
+            slot: std::sync::Mutex::new(Some(slot)),
         })
     }
 
@@ -76,32 +79,37 @@ pub fn unregister(ctx: &Ctx, inst: &Arc<Instance>, force: bool) -> bool {
 }
 
 async fn life(ctx: Arc<Ctx>, inst: Arc<Instance>) {
+    ctx.metrics.instances_active.inc();
+    let reason = run_life(&ctx, &inst).await;
+    ctx.metrics.instances_active.dec();
+    ctx.metrics.ended(reason);
+    ctx.metrics.build_seconds.observe(inst.created.elapsed().as_secs_f64());
+    // The slot frees only now, after the wipe: the next build must not
+    // start while this one's state is still on disk.
+    inst.slot.lock().expect("slot lock").take();
+}
+
+async fn run_life(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> &'static str {
+    let (ctx, inst) = (ctx.clone(), inst.clone());
     let mut shim = match spawn::start(&ctx, &inst).await {
         Ok(shim) => shim,
         Err(e) => {
             warn!(error = %e, "instance could not be created");
             unregister(&ctx, &inst, true);
             inst.phase.send_replace(Phase::Failed(e));
-            return;
+            return "error";
         }
     };
     match spawn::wait_ready(&ctx, &inst, &mut shim).await {
         Ok(()) => {
-            info!(
-                start_ms = inst.created.elapsed().as_millis() as u64,
-                "instance ready"
-            );
+            info!(start_ms = inst.created.elapsed().as_millis() as u64, "instance ready");
+            ctx.metrics.start_seconds.observe(inst.created.elapsed().as_secs_f64());
             inst.phase.send_replace(Phase::Ready);
         }
         Err((e, outcome)) => {
             unregister(&ctx, &inst, true);
             inst.phase.send_replace(Phase::Failed(e.clone()));
-            reap::record(
-                &inst,
-                EndCause::StartFailed(e.to_string()),
-                outcome.as_ref(),
-            );
-            return;
+            return reap::record(&ctx, &inst, EndCause::StartFailed(e.to_string()), outcome.as_ref());
         }
     }
     let scope_idle = match ctx.run.scope {
@@ -111,5 +119,5 @@ async fn life(ctx: Arc<Ctx>, inst: Arc<Instance>) {
     let cause = reap::serve_until_end(&ctx, &inst, &mut shim, scope_idle).await;
     inst.phase.send_replace(Phase::Ended);
     let outcome = shim.stop(&ctx).await;
-    reap::record(&inst, cause, outcome.as_ref());
+    reap::record(&ctx, &inst, cause, outcome.as_ref())
 }

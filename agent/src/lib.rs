@@ -8,12 +8,15 @@
 //! shim wipes) -> `recover` (sweep what a dead agent left).
 
 pub mod admit;
+pub mod capacity;
 pub mod check;
 pub mod config;
+pub mod http;
 pub mod idmap;
 pub mod instance;
 pub mod listen;
 pub mod log;
+pub mod metrics;
 pub mod probe;
 pub mod proxy;
 pub mod reap;
@@ -30,7 +33,8 @@ use instance::Instance;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use tokio::sync::watch;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 
 /// Everything the stages share.
@@ -49,11 +53,28 @@ pub struct Ctx {
     /// Set when running instances must end now.
     pub shutdown: watch::Sender<bool>,
     pub tasks: TaskTracker,
+    pub metrics: metrics::Metrics,
+    /// One permit per build slot; an instance holds one from spawn to wipe.
+    pub slots: Arc<Semaphore>,
+    pub slots_total: u64,
+    /// Clients waiting for a slot.
+    pub queued: AtomicUsize,
 }
 
 impl Ctx {
     pub fn instances_dir(&self) -> PathBuf {
         self.run.host.state_dir.join("instances")
+    }
+
+    pub fn slots_in_use(&self) -> u64 {
+        self.slots_total.saturating_sub(self.slots.available_permits() as u64)
+    }
+
+    /// Sets the gauges that are read off live state.
+    pub fn refresh_gauges(&self) {
+        self.metrics.slots_total.set(self.slots_total as i64);
+        self.metrics.slots_in_use.set(self.slots_in_use() as i64);
+        self.metrics.queue_depth.set(self.queued.load(Ordering::Relaxed) as i64);
     }
 }
 

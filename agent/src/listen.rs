@@ -3,7 +3,7 @@
 //! admission and then to the proxy.
 #![forbid(unsafe_code)]
 
-use crate::admit::{admit, Client};
+use crate::admit::{admit, AdmitError, Client};
 use crate::config::Scope;
 use crate::{proxy, status, sys, Ctx};
 use std::io;
@@ -76,19 +76,27 @@ async fn handle(ctx: Arc<Ctx>, stream: UnixStream) {
     let client = identify(&ctx, &stream);
     let span = tracing::info_span!("conn", client = %client.display);
     async move {
-        match admit(&ctx, &client).await {
+        match admit(&ctx, &client, &stream).await {
             Ok(guard) => {
                 let inst = guard.instance.clone();
                 let span = tracing::info_span!("proxy", instance = %inst.id);
                 match proxy::pipe(stream, &inst.socket()).instrument(span).await {
-                    Ok((up, down)) => debug!(instance = %inst.id, up, down, "connection closed"),
+                    Ok((up, down)) => {
+                        ctx.metrics.proxied(up, down);
+                        debug!(instance = %inst.id, up, down, "connection closed")
+                    }
                     Err(e) => {
                         debug!(instance = %inst.id, error = %e, "connection ended with an error")
                     }
                 }
                 drop(guard);
             }
+            Err(AdmitError::ClientGone) => {
+                ctx.metrics.refused("client_gone");
+                debug!("client hung up while queued");
+            }
             Err(e) => {
+                ctx.metrics.refused(e.label());
                 warn!(error = %e, "connection refused");
                 status::refuse(stream, Status::from(&e)).await;
             }

@@ -20,6 +20,7 @@ fn main() {
             }
         },
         Command::Check(args) => berth_agent::check::main(&args),
+        Command::Capacity(args) => berth_agent::capacity::main(&args),
     };
     std::process::exit(code);
 }

@@ -166,7 +166,7 @@ pub async fn serve_until_end(
 
 /// The one structured line per instance: who, how long, how much memory,
 /// and whether it was OOM-killed.
-pub fn record(inst: &Instance, cause: EndCause, outcome: Option<&Outcome>) {
+pub fn record(ctx: &Ctx, inst: &Instance, cause: EndCause, outcome: Option<&Outcome>) -> &'static str {
     let oom = outcome.map(|o| o.oom_kills > 0).unwrap_or(false);
     let reason = match (&cause, outcome) {
         (EndCause::DaemonExited | EndCause::StartFailed(_), _) if oom => "oom",
@@ -195,4 +195,8 @@ pub fn record(inst: &Instance, cause: EndCause, outcome: Option<&Outcome>) {
     if !leftovers.is_empty() {
         error!(instance = %inst.id, leftovers, "instance left something behind");
     }
+    if let Some(peak) = outcome.and_then(|o| o.peak_memory) {
+        ctx.metrics.peak_memory_bytes.observe(peak as f64);
+    }
+    reason
 }

@@ -28,6 +28,8 @@ pub enum ServeError {
     Idmap(#[from] IdmapError),
     #[error("listen: {0}")]
     Listen(#[from] listen::ListenError),
+    #[error("--http-addr {0}: {1}")]
+    Http(std::net::SocketAddr, std::io::Error),
     #[error("signals: {0}")]
     Signal(std::io::Error),
 }
@@ -83,8 +85,10 @@ fn prepare_state(state: &Path) -> Result<(), ServeError> {
 }
 
 pub async fn run(args: RunArgs) -> Result<(), ServeError> {
-    let daemon =
-        which(&args.host.daemon).ok_or_else(|| ServeError::NoDaemon(args.host.daemon.clone()))?;
+    // Absolute: the shim execs it from inside the instance's root dir.
+    let daemon = which(&args.host.daemon)
+        .and_then(|p| std::fs::canonicalize(p).ok())
+        .ok_or_else(|| ServeError::NoDaemon(args.host.daemon.clone()))?;
     let shim = find_shim(args.host.shim.as_deref())?;
     prepare_state(&args.host.state_dir)?;
     let layout = Layout::detect(
@@ -110,6 +114,25 @@ pub async fn run(args: RunArgs) -> Result<(), ServeError> {
         scope = ?args.scope,
         "berth-agent starting"
     );
+    let plan = crate::capacity::for_run(&args.limits, &args.capacity, &args.host.cgroup_root, &args.host.proc_root);
+    info!(
+        slots = plan.slots,
+        binding = ?plan.binding,
+        node_memory = plan.node.memory,
+        node_millicpus = plan.node.millicpus,
+        reserve_memory = plan.reserve.memory,
+        reserve_millicpus = plan.reserve.millicpus,
+        slots_by_memory = plan.slots_by_memory,
+        slots_by_cpu = plan.slots_by_cpu,
+        overcommitted = plan.overcommitted,
+        "build slots"
+    );
+    // Never more slots than id ranges: each instance needs one.
+    let slots_total = plan.slots.min(pool.capacity() as u64);
+    let http = match args.http_addr.0 {
+        Some(a) => Some(crate::http::bind(a).await.map_err(|e| ServeError::Http(a, e))?),
+        None => None,
+    };
     let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signal)?;
     let ctx = Arc::new(Ctx {
@@ -122,8 +145,16 @@ pub async fn run(args: RunArgs) -> Result<(), ServeError> {
         draining: watch::Sender::new(false),
         shutdown: watch::Sender::new(false),
         tasks: TaskTracker::new(),
+        metrics: crate::metrics::Metrics::new(),
+        slots: Arc::new(tokio::sync::Semaphore::new(slots_total as usize)),
+        slots_total,
+        queued: std::sync::atomic::AtomicUsize::new(0),
         run: args,
     });
+    ctx.refresh_gauges();
+    if let Some(l) = http {
+        tokio::spawn(crate::http::serve(ctx.clone(), l));
+    }
     recover::sweep(&ctx).await;
     let mut listeners = Vec::new();
     for path in &ctx.run.listen {

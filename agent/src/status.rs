@@ -23,7 +23,7 @@ impl From<&AdmitError> for Status {
             | AdmitError::Gone { .. } => Code::Unavailable,
             AdmitError::Draining(_) => Code::Unavailable,
             AdmitError::Exhausted(_) => Code::ResourceExhausted,
-            AdmitError::Internal(_) => Code::Internal,
+            AdmitError::Internal(_) | AdmitError::ClientGone => Code::Internal,
         };
         Status::new(code, format!("berth: {e}"))
     }

@@ -7,5 +7,21 @@
 //! reaps and wipes. The library half holds the on-disk contract (`spec`) and
 //! the cgroup driver, which the agent shares.
 
+/// One line of the shim's own log on stderr, tagged with the instance id.
+/// Plain lines are enough: the agent forwards the shim's stderr to its log.
+macro_rules! log {
+    ($id:expr, $($arg:tt)*) => {
+        eprintln!("berth-shim[{}]: {}", $id, format_args!($($arg)*))
+    };
+}
+pub(crate) use log;
+
 pub mod cgroup;
+pub mod cli;
+pub mod delete;
+pub mod probe;
+pub mod run;
 pub mod spec;
+pub mod sys;
+pub mod teardown;
+pub mod wipe;

@@ -1,4 +1,6 @@
+//! `berth-shim`: see the library's `cli` module for the command line.
+#![forbid(unsafe_code)]
+
 fn main() {
-    eprintln!("berth-shim: not yet implemented");
-    std::process::exit(2);
+    std::process::exit(berth_shim::cli::main(std::env::args_os()));
 }

@@ -70,11 +70,7 @@ impl CgroupSpec {
     pub fn dir_of(&self, controller: &str) -> Option<&Path> {
         match self.version {
             CgroupVersion::V2 => self.dirs.first().map(|(_, d)| d.as_path()),
-            CgroupVersion::V1 => self
-                .dirs
-                .iter()
-                .find(|(c, _)| c == controller)
-                .map(|(_, d)| d.as_path()),
+            CgroupVersion::V1 => self.dirs.iter().find(|(c, _)| c == controller).map(|(_, d)| d.as_path()),
         }
     }
 }
@@ -278,7 +274,10 @@ mod tests {
             daemon: "/bin/true".into(),
             args: vec!["--addr".into(), "unix:///x".into()],
             env: vec![("USER".into(), "berth".into())],
-            cgroup: CgroupSpec { version: CgroupVersion::V2, dirs: vec![("unified".into(), "/sys/fs/cgroup/x".into())] },
+            cgroup: CgroupSpec {
+                version: CgroupVersion::V2,
+                dirs: vec![("unified".into(), "/sys/fs/cgroup/x".into())],
+            },
             stop_grace_ms: 2000,
             lease: dir.path().join("lease"),
             hostname: "berth-abc".into(),

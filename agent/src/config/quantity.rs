@@ -60,6 +60,14 @@ pub fn parse_millicpus(s: &str) -> Result<u64, String> {
     Ok(millis as u64)
 }
 
+/// Like `parse_millicpus`, but 0 is allowed (a reserve of nothing).
+pub fn parse_millicpus_or_zero(s: &str) -> Result<u64, String> {
+    if s.trim().trim_end_matches('m').parse::<f64>() == Ok(0.0) {
+        return Ok(0);
+    }
+    parse_millicpus(s)
+}
+
 /// Renders bytes the way they were most likely written (`2Gi`, `512Mi`).
 pub fn format_bytes(b: u64) -> String {
     for (unit, size) in [

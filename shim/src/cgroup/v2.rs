@@ -20,11 +20,8 @@ pub(super) fn layout(root: &Path, proc_root: &Path, parent: Option<&str>) -> Res
     let dir = root.join(rel.trim_start_matches('/'));
     fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     let available = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
-    let missing: Vec<&str> = CONTROLLERS
-        .iter()
-        .copied()
-        .filter(|c| !available.split_whitespace().any(|a| a == *c))
-        .collect();
+    let missing: Vec<&str> =
+        CONTROLLERS.iter().copied().filter(|c| !available.split_whitespace().any(|a| a == *c)).collect();
     if !missing.is_empty() {
         return Err(CgroupError::Layout {
             path: dir.join("cgroup.controllers"),

@@ -1,0 +1,195 @@
+//! Capacity: how many builds this node (or a node of a given shape) runs at
+//! once, which resource binds, what is left over, and how many nodes a pool
+//! needs for a target concurrency. `run` uses it for `--max-builds auto`,
+//! `capacity` prints it for platform teams.
+#![forbid(unsafe_code)]
+
+use crate::config::quantity::format_bytes;
+use crate::config::{CapacityArgs, LimitArgs, MaxBuilds, OutputFormat};
+use serde::Serialize;
+use std::path::Path;
+
+/// Memory and CPU of a node, as builds can use them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Shape {
+    pub memory: u64,
+    pub millicpus: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Binding {
+    Memory,
+    Cpu,
+    /// `--max-builds N` was given.
+    Fixed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub node: Shape,
+    pub reserve: Shape,
+    pub per_build: Shape,
+    pub slots: u64,
+    pub slots_by_memory: u64,
+    pub slots_by_cpu: u64,
+    pub binding: Binding,
+    /// What is left after reserves and all slots (0 when overcommitted).
+    pub headroom: Shape,
+    /// True when the limits do not fit even once and the floor of one slot
+    /// overcommits the node.
+    pub overcommitted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_concurrency: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<u64>,
+}
+
+/// The arithmetic: usable = node - reserve; slots = min over resources of
+/// usable / per build, rounded down, at least 1.
+pub fn plan(node: Shape, reserve: Shape, per_build: Shape, max: MaxBuilds, target: Option<u64>) -> Plan {
+    let usable = Shape {
+        memory: node.memory.saturating_sub(reserve.memory),
+        millicpus: node.millicpus.saturating_sub(reserve.millicpus),
+    };
+    let by_mem = usable.memory / per_build.memory.max(1);
+    let by_cpu = usable.millicpus / per_build.millicpus.max(1);
+    let (slots, binding) = match max {
+        MaxBuilds::Fixed(n) => (n.max(1), Binding::Fixed),
+        MaxBuilds::Auto if by_mem <= by_cpu => (by_mem.max(1), Binding::Memory),
+        MaxBuilds::Auto => (by_cpu.max(1), Binding::Cpu),
+    };
+    let used = Shape { memory: slots * per_build.memory, millicpus: slots * per_build.millicpus };
+    Plan {
+        node,
+        reserve,
+        per_build,
+        slots,
+        slots_by_memory: by_mem,
+        slots_by_cpu: by_cpu,
+        binding,
+        headroom: Shape {
+            memory: usable.memory.saturating_sub(used.memory),
+            millicpus: usable.millicpus.saturating_sub(used.millicpus),
+        },
+        overcommitted: used.memory > usable.memory || used.millicpus > usable.millicpus,
+        target_concurrency: target,
+        nodes: target.map(|k| k.div_ceil(slots)),
+    }
+}
+
+/// This node's shape: sysinfo's totals, lowered to the agent's own cgroup
+/// limits when those are lower (a DaemonSet pod with limits, say).
+pub fn this_node(cgroup_root: &Path, proc_root: &Path) -> Shape {
+    use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
+    let refresh = RefreshKind::nothing()
+        .with_memory(MemoryRefreshKind::everything())
+        .with_cpu(CpuRefreshKind::nothing());
+    let (mut memory, mut millicpus) = match System::new_with_specifics(refresh) {
+        Ok(sys) => {
+            let mem = sys.cgroup_limits().map(|l| l.total_memory).filter(|m| *m > 0 && *m < sys.total_memory());
+            (mem.unwrap_or(sys.total_memory()), sys.cpus().len() as u64 * 1000)
+        }
+        Err(_) => (0, 0),
+    };
+    if let Some(own) = own_cgroup_limits(cgroup_root, proc_root) {
+        if let Some(m) = own.memory.filter(|m| *m < memory || memory == 0) {
+            memory = m;
+        }
+        if let Some(c) = own.millicpus.filter(|c| *c < millicpus || millicpus == 0) {
+            millicpus = c;
+        }
+    }
+    Shape { memory, millicpus }
+}
+
+struct OwnLimits {
+    memory: Option<u64>,
+    millicpus: Option<u64>,
+}
+
+/// The memory and CPU limits of the agent's own cgroup, v1 or v2.
+fn own_cgroup_limits(root: &Path, proc_root: &Path) -> Option<OwnLimits> {
+    use berth_shim::cgroup::path_of;
+    let read = |p: &Path| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string());
+    if root.join("cgroup.controllers").exists() {
+        let dir = root.join(path_of(proc_root, "self", "").ok()?.trim_start_matches('/'));
+        let memory = read(&dir.join("memory.max")).and_then(|s| s.parse().ok());
+        let millicpus = read(&dir.join("cpu.max")).and_then(|s| {
+            let mut it = s.split_whitespace();
+            let (q, p) = (it.next()?.parse::<u64>().ok()?, it.next()?.parse::<u64>().ok()?);
+            Some(q * 1000 / p.max(1))
+        });
+        return Some(OwnLimits { memory, millicpus });
+    }
+    let mem_dir = root.join("memory").join(path_of(proc_root, "self", "memory").ok()?.trim_start_matches('/'));
+    // v1 reports "no limit" as a huge page-aligned number.
+    let memory = read(&mem_dir.join("memory.limit_in_bytes")).and_then(|s| s.parse::<u64>().ok()).filter(|m| *m < 1 << 62);
+    let cpu_dir = root.join("cpu").join(path_of(proc_root, "self", "cpu").unwrap_or_default().trim_start_matches('/'));
+    let quota = read(&cpu_dir.join("cpu.cfs_quota_us")).and_then(|s| s.parse::<i64>().ok()).filter(|q| *q > 0);
+    let period = read(&cpu_dir.join("cpu.cfs_period_us")).and_then(|s| s.parse::<u64>().ok());
+    let millicpus = quota.zip(period).map(|(q, p)| q as u64 * 1000 / p.max(1));
+    Some(OwnLimits { memory, millicpus })
+}
+
+/// The plan `run` uses, from its flags and this node.
+pub fn for_run(limits: &LimitArgs, cap: &CapacityArgs, cgroup_root: &Path, proc_root: &Path) -> Plan {
+    let node = this_node(cgroup_root, proc_root);
+    plan(node, cap.reserve(), per_build(limits), cap.max_builds, None)
+}
+
+pub fn per_build(limits: &LimitArgs) -> Shape {
+    Shape { memory: limits.build_memory, millicpus: limits.build_cpus }
+}
+
+pub fn cpus(m: u64) -> String {
+    if m % 1000 == 0 {
+        format!("{}", m / 1000)
+    } else {
+        format!("{m}m")
+    }
+}
+
+/// The human form of a plan.
+pub fn render(plan: &Plan, format: OutputFormat) -> String {
+    if format == OutputFormat::Json {
+        return serde_json::to_string_pretty(plan).expect("plan serializes");
+    }
+    let s = |x: &Shape| format!("{} memory, {} CPU", format_bytes(x.memory), cpus(x.millicpus));
+    let mut out = format!(
+        "node:      {}\nreserved:  {}\nper build: {}\nslots:     {} (memory allows {}, CPU allows {}; bound by {:?})\nheadroom:  {}\n",
+        s(&plan.node),
+        s(&plan.reserve),
+        s(&plan.per_build),
+        plan.slots,
+        plan.slots_by_memory,
+        plan.slots_by_cpu,
+        plan.binding,
+        s(&plan.headroom),
+    );
+    if plan.overcommitted {
+        out.push_str("warning:   the per-build limits do not fit this node; 1 slot is kept, overcommitted\n");
+    }
+    if let (Some(k), Some(n)) = (plan.target_concurrency, plan.nodes) {
+        out.push_str(&format!("pool:      {n} node(s) of this shape for {k} concurrent builds\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
+
+/// `berth-agent capacity`.
+pub fn main(args: &crate::config::CapacityCmd) -> i32 {
+    let here = this_node(&args.host.cgroup_root, &args.host.proc_root);
+    let node = Shape {
+        memory: args.node_memory.unwrap_or(here.memory),
+        millicpus: args.node_cpus.unwrap_or(here.millicpus),
+    };
+    let p = plan(node, args.capacity.reserve(), per_build(&args.limits), args.capacity.max_builds, args.target_concurrency);
+    print!("{}", render(&p, args.output));
+    if args.output == OutputFormat::Json {
+        println!();
+    }
+    0
+}

@@ -1,0 +1,124 @@
+//! Prometheus metrics, named `berth_*`. Labels are bounded: the end reason
+//! and the byte direction, never a pod or instance name (those go in the
+//! per-instance log line).
+#![forbid(unsafe_code)]
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: String,
+}
+
+/// End reasons; fixed so the label set stays bounded.
+pub const REASONS: [&str; 8] = ["idle", "closed", "unpublished", "oom", "pids", "daemon_exit", "drain", "error"];
+
+pub struct Metrics {
+    registry: Registry,
+    pub slots_total: Gauge,
+    pub slots_in_use: Gauge,
+    pub queue_depth: Gauge,
+    pub instances_active: Gauge,
+    pub start_seconds: Histogram,
+    pub build_seconds: Histogram,
+    pub peak_memory_bytes: Histogram,
+    pub ended: Family<ReasonLabel, Counter>,
+    pub proxied_bytes: Family<DirectionLabel, Counter>,
+    pub refused: Family<ReasonLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("berth");
+        let m = Metrics {
+            slots_total: Gauge::default(),
+            slots_in_use: Gauge::default(),
+            queue_depth: Gauge::default(),
+            instances_active: Gauge::default(),
+            // 5 ms .. ~80 s
+            start_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 15)),
+            // 1 s .. ~9 h
+            build_seconds: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
+            // 16 MiB .. 64 GiB
+            peak_memory_bytes: Histogram::new(exponential_buckets(16.0 * 1024.0 * 1024.0, 2.0, 13)),
+            ended: Family::default(),
+            proxied_bytes: Family::default(),
+            refused: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("slots", "Build slots on this node", m.slots_total.clone());
+        registry.register("slots_in_use", "Build slots held by an instance", m.slots_in_use.clone());
+        registry.register("queue_depth", "Clients waiting for a slot", m.queue_depth.clone());
+        registry.register("instances_active", "Instances started and not yet wiped", m.instances_active.clone());
+        registry.register("instance_start_seconds", "From first connection to a daemon that answers", m.start_seconds.clone());
+        registry.register("build_duration_seconds", "Life of an instance, start to wipe", m.build_seconds.clone());
+        registry.register("instance_peak_memory_bytes", "Peak memory of an instance's cgroup", m.peak_memory_bytes.clone());
+        registry.register("instances_ended", "Instances ended, by reason", m.ended.clone());
+        registry.register("proxied_bytes", "Bytes proxied between clients and instances", m.proxied_bytes.clone());
+        registry.register("connections_refused", "Connections refused, by reason", m.refused.clone());
+        for r in REASONS {
+            let _ = m.ended.get_or_create(&ReasonLabel { reason: r.into() });
+        }
+        for d in ["up", "down"] {
+            let _ = m.proxied_bytes.get_or_create(&DirectionLabel { direction: d.into() });
+        }
+        Metrics { registry, ..m }
+    }
+
+    pub fn ended(&self, reason: &str) {
+        self.ended.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
+    }
+
+    pub fn refused(&self, reason: &str) {
+        self.refused.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
+    }
+
+    pub fn proxied(&self, up: u64, down: u64) {
+        self.proxied_bytes.get_or_create(&DirectionLabel { direction: "up".into() }).inc_by(up);
+        self.proxied_bytes.get_or_create(&DirectionLabel { direction: "down".into() }).inc_by(down);
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("metrics encode");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_and_moves() {
+        let m = Metrics::new();
+        m.slots_total.set(4);
+        m.ended("oom");
+        m.proxied(10, 20);
+        m.start_seconds.observe(0.2);
+        let text = m.encode();
+        assert!(text.contains("berth_slots 4"), "{text}");
+        assert!(text.contains("berth_instances_ended_total{reason=\"oom\"} 1"), "{text}");
+        assert!(text.contains("berth_instances_ended_total{reason=\"idle\"} 0"), "{text}");
+        assert!(text.contains("berth_proxied_bytes_total{direction=\"down\"} 20"), "{text}");
+        assert!(text.contains("berth_instance_start_seconds_count 1"), "{text}");
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

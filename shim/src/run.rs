@@ -1,0 +1,200 @@
+//! `berth-shim run <instance-dir>`: start the daemon in its own namespaces
+//! and cgroup, supervise it, and tear everything down at the end.
+//!
+//! Start is a parent/child handshake, as in runc and youki: the child is
+//! cloned into new user, mount, pid, ipc and uts namespaces and blocks on a
+//! pipe; the parent (host root) writes its uid/gid maps, moves it into the
+//! instance's cgroup and records its pid, then sends one byte. Only then
+//! does the child become root of its namespace and exec the daemon, so the
+//! daemon never runs unmapped, outside its cgroup, or unrecorded.
+#![forbid(unsafe_code)]
+
+mod child;
+mod supervise;
+
+use crate::cgroup::{self, CgroupError};
+use crate::spec::{EndReason, Outcome, PidStamp, Spec, SpecError, DAEMON_LOG_FILE, DAEMON_PID_FILE, SHIM_PID_FILE};
+use crate::{sys, teardown};
+use nix::errno::Errno;
+use nix::fcntl::{open, OFlag};
+use nix::sched::CloneFlags;
+use nix::sys::prctl;
+use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::stat::Mode;
+use nix::unistd::{pipe2, write, Pid};
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub use child::{EXIT_EXEC, EXIT_SETUP};
+
+/// The daemon's namespaces. No network namespace: the daemon serves on a
+/// unix socket in `run/` and builds need the host's network.
+pub const NS_FLAGS: CloneFlags = CloneFlags::CLONE_NEWUSER
+    .union(CloneFlags::CLONE_NEWNS)
+    .union(CloneFlags::CLONE_NEWPID)
+    .union(CloneFlags::CLONE_NEWIPC)
+    .union(CloneFlags::CLONE_NEWUTS);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {errno}")]
+    Open { path: PathBuf, errno: Errno },
+    #[error("{what}: {errno}")]
+    Sys { what: &'static str, errno: Errno },
+    #[error("daemon pid {pid}: {what}: {errno}")]
+    Child { pid: Pid, what: &'static str, errno: Errno },
+    #[error("spec field {field} contains a NUL byte or is malformed: {value:?}")]
+    Nul { field: &'static str, value: String },
+    #[error("{dir}: spec.json names {spec_dir} as its dir; refusing to run an instance from another dir")]
+    WrongDir { dir: PathBuf, spec_dir: PathBuf },
+    #[error("{proc}: the shim has {threads} threads, clone needs exactly one")]
+    Threads { proc: PathBuf, threads: usize },
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RunError + '_ {
+    move |source| RunError::Io { path: path.to_path_buf(), source }
+}
+
+/// A started daemon: its host pid and the parent's pipe ends.
+struct Started {
+    pid: Pid,
+    /// Held for the shim's whole life: the child takes a hangup on it as
+    /// the shim's death (see child::setup).
+    _sync_w: OwnedFd,
+    /// EOF when exec succeeded, the failing step otherwise.
+    err_r: OwnedFd,
+}
+
+/// Runs the instance in `dir` to its end and returns the outcome to print.
+pub fn run(dir: &Path, proc_root: &Path) -> Outcome {
+    let started = Instant::now();
+    // Without a spec that is this dir's own, nothing here is known to be
+    // ours to remove: report and leave it all to `delete`.
+    let spec = match Spec::load(dir).map_err(RunError::from).and_then(|s| match s.dir == dir {
+        true => Ok(s),
+        false => Err(RunError::WrongDir { dir: dir.to_path_buf(), spec_dir: s.dir }),
+    }) {
+        Ok(s) => s,
+        Err(e) => {
+            let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            crate::log!(id, "{e}");
+            let mut out = Outcome::new(&id, EndReason::StartFailed);
+            out.error = Some(e.to_string());
+            out.leftovers
+                .push(format!("{}: not torn down, no usable spec (berth-shim delete cleans it)", dir.display()));
+            out.duration_ms = started.elapsed().as_millis() as u64;
+            return out;
+        }
+    };
+    let id = spec.id.as_str();
+    let mut out = Outcome::new(id, EndReason::StartFailed);
+    let mut daemon = None;
+    let mut grace = Duration::ZERO;
+    let mut status = None;
+    // Kept until the daemon is gone (see Started::_sync_w).
+    let mut keep = None;
+    match prepare().and_then(|sigfd| start(&spec, dir, proc_root, &mut daemon).map(|s| (sigfd, s))) {
+        Ok((sigfd, s)) => {
+            crate::log!(id, "daemon pid {} started: {}", s.pid, spec.daemon.display());
+            let end = supervise::watch(id, &sigfd, s.pid, &s.err_r);
+            out.reason = end.reason;
+            out.error = end.error;
+            status = end.status;
+            // A daemon that never got to exec has no handler to run.
+            if out.reason != EndReason::StartFailed {
+                grace = Duration::from_millis(spec.stop_grace_ms);
+            }
+            keep = Some(s);
+        }
+        Err(e) => {
+            crate::log!(id, "start failed: {e}");
+            out.error = Some(e.to_string());
+        }
+    }
+    crate::log!(id, "ending: {:?}", out.reason);
+    if let Some(pid) = daemon {
+        teardown::stop_child(id, pid, grace, status, &mut out);
+    }
+    drop(keep);
+    teardown::finish(id, Some(&spec), dir, proc_root, &mut out);
+    out.duration_ms = started.elapsed().as_millis() as u64;
+    crate::log!(id, "done in {} ms, {} leftovers", out.duration_ms, out.leftovers.len());
+    out
+}
+
+/// Blocks the signals the supervisor takes through a signalfd. Blocking
+/// happens before clone, so no signal is lost in between; the child
+/// unblocks them before exec.
+fn prepare() -> Result<SignalFd, RunError> {
+    let mut mask = SigSet::empty();
+    for s in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        mask.add(s);
+    }
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)
+        .map_err(|errno| RunError::Sys { what: "sigprocmask", errno })?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(|errno| RunError::Sys { what: "signalfd", errno })
+}
+
+/// Everything up to the handshake byte. On error, `daemon` holds the
+/// child's pid if it was cloned; dropping the pipes makes it `_exit`.
+fn start(spec: &Spec, dir: &Path, proc_root: &Path, daemon: &mut Option<Pid>) -> Result<Started, RunError> {
+    let me = std::process::id() as i32;
+    let shim_pid = dir.join(SHIM_PID_FILE);
+    let stamp = PidStamp::of(proc_root, me).map_err(io_at(&proc_root.join(me.to_string())))?;
+    fs::write(&shim_pid, stamp.render()).map_err(io_at(&shim_pid))?;
+
+    let log_path = dir.join(DAEMON_LOG_FILE);
+    let oflags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+    let log = open(&log_path, oflags, Mode::from_bits_truncate(0o600))
+        .map_err(|errno| RunError::Open { path: log_path.clone(), errno })?;
+    let null = open("/dev/null", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|errno| RunError::Open { path: "/dev/null".into(), errno })?;
+
+    // Orphans of the daemon's tree come to us, not to the host's init.
+    prctl::set_child_subreaper(true).map_err(|errno| RunError::Sys { what: "prctl(PR_SET_CHILD_SUBREAPER)", errno })?;
+    let pipe = || pipe2(OFlag::O_CLOEXEC).map_err(|errno| RunError::Sys { what: "pipe2", errno });
+    let (sync_r, sync_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+
+    let threads = sys::thread_count(proc_root).map_err(io_at(&proc_root.join("self/task")))?;
+    if threads != 1 {
+        return Err(RunError::Threads { proc: proc_root.join("self/task"), threads });
+    }
+    let pid = {
+        let fds = [sync_r.as_fd(), err_w.as_fd(), log.as_fd(), null.as_fd()];
+        let plan = child::Plan::new(spec, fds, [sync_w.as_raw_fd(), err_r.as_raw_fd()])?;
+        let mut stack = vec![0u8; sys::CHILD_STACK];
+        sys::clone_child(NS_FLAGS, &mut stack, &mut || child::main(&plan))
+            .map_err(|errno| RunError::Sys { what: "clone", errno })?
+    };
+    *daemon = Some(pid);
+    // The child has its own copies; ours of its ends must go so that EOF
+    // and hangups mean what they should.
+    drop((sync_r, err_w, log, null));
+
+    for file in ["uid_map", "gid_map"] {
+        let path = proc_root.join(pid.to_string()).join(file);
+        fs::write(&path, spec.ids.map_line()).map_err(io_at(&path))?;
+    }
+    cgroup::join(&spec.cgroup, pid.as_raw())?;
+    let daemon_pid = dir.join(DAEMON_PID_FILE);
+    let stamp = PidStamp::of(proc_root, pid.as_raw()).map_err(io_at(&proc_root.join(pid.to_string())))?;
+    fs::write(&daemon_pid, stamp.render()).map_err(io_at(&daemon_pid))?;
+    match write(&sync_w, &[1]) {
+        Ok(1) => {}
+        Ok(_) => return Err(RunError::Child { pid, what: "handshake write", errno: Errno::EIO }),
+        Err(errno) => return Err(RunError::Child { pid, what: "handshake write", errno }),
+    }
+    Ok(Started { pid, _sync_w: sync_w, err_r })
+}

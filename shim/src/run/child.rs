@@ -1,0 +1,158 @@
+//! The cloned child's side of `run`: wait for the parent's handshake, become
+//! root of the new user namespace, set up what the daemon's namespaces need,
+//! and exec the daemon.
+//!
+//! Everything the child needs is prepared by the parent before clone
+//! (C strings, open fds), and the child writes its errors from a stack
+//! buffer: it allocates nothing on the heap. That matters less here than
+//! after a fork in a threaded program (the shim is single-threaded, so no
+//! lock can be held), but it keeps the child's path short and predictable.
+#![forbid(unsafe_code)]
+
+use super::RunError;
+use crate::spec::Spec;
+use crate::sys;
+use nix::errno::Errno;
+use nix::mount::{mount, MsFlags};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::prctl;
+use nix::sys::signal::Signal;
+use nix::unistd::{
+    chdir, dup2_stderr, dup2_stdin, dup2_stdout, execve, read, setgroups, sethostname, setresgid, setresuid, write,
+    Gid, Uid,
+};
+use std::ffi::CString;
+use std::io::Write as _;
+use std::os::fd::{BorrowedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+
+/// Exit status of the child when its setup failed before exec.
+pub const EXIT_SETUP: i32 = 126;
+/// Exit status of the child when execve failed (as a shell reports it).
+pub const EXIT_EXEC: i32 = 127;
+
+/// What the child needs, built in the parent before clone.
+pub(super) struct Plan<'a> {
+    pub daemon: CString,
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+    pub hostname: String,
+    pub root: CString,
+    /// Read end of the handshake pipe: one byte = maps written, go on.
+    pub sync_r: BorrowedFd<'a>,
+    /// Write end of the error pipe: closed by exec (CLOEXEC) on success,
+    /// carries the failing step otherwise.
+    pub err_w: BorrowedFd<'a>,
+    /// daemon.log, becomes stdout and stderr.
+    pub log: BorrowedFd<'a>,
+    /// /dev/null, becomes stdin.
+    pub null: BorrowedFd<'a>,
+    /// The parent's ends of both pipes, which the child must close: the
+    /// handshake's write end above all, or the child never sees EOF.
+    pub close: [RawFd; 2],
+}
+
+fn cstr(field: &'static str, s: &[u8]) -> Result<CString, RunError> {
+    CString::new(s).map_err(|_| RunError::Nul { field, value: String::from_utf8_lossy(s).into_owned() })
+}
+
+impl<'a> Plan<'a> {
+    pub fn new(spec: &Spec, fds: [BorrowedFd<'a>; 4], close: [RawFd; 2]) -> Result<Plan<'a>, RunError> {
+        let daemon = cstr("daemon", spec.daemon.as_os_str().as_bytes())?;
+        let mut argv = vec![daemon.clone()];
+        for a in &spec.args {
+            argv.push(cstr("args", a.as_bytes())?);
+        }
+        let mut envp = Vec::new();
+        for (k, v) in &spec.env {
+            if k.is_empty() || k.contains('=') {
+                return Err(RunError::Nul { field: "env (bad name)", value: k.clone() });
+            }
+            envp.push(cstr("env", format!("{k}={v}").as_bytes())?);
+        }
+        let root = cstr("dir", spec.root_dir().as_os_str().as_bytes())?;
+        let [sync_r, err_w, log, null] = fds;
+        Ok(Plan { daemon, argv, envp, hostname: spec.hostname.clone(), root, sync_r, err_w, log, null, close })
+    }
+}
+
+/// The child's whole life; returns only through `_exit` or exec.
+pub(super) fn main(plan: &Plan) -> isize {
+    for fd in plan.close {
+        sys::close_in_child(fd);
+    }
+    let mut byte = [0u8; 1];
+    loop {
+        match read(plan.sync_r, &mut byte) {
+            Ok(1) => break,
+            Err(Errno::EINTR) => continue,
+            // EOF without the byte: the parent failed a step (or died) and
+            // reports it; nothing to add.
+            _ => sys::exit_now(1),
+        }
+    }
+    if let Err((step, errno)) = setup(plan) {
+        report(plan, &[b"berth-shim: ", step.as_bytes()], errno);
+        sys::exit_now(EXIT_SETUP);
+    }
+    sys::reset_signals();
+    let Err(errno) = execve(&plan.daemon, &plan.argv, &plan.envp);
+    report(plan, &[b"berth-shim: exec ", plan.daemon.as_bytes()], errno);
+    sys::exit_now(EXIT_EXEC)
+}
+
+type Step = (&'static str, Errno);
+
+fn at(step: &'static str) -> impl FnOnce(Errno) -> Step {
+    move |e| (step, e)
+}
+
+fn setup(plan: &Plan) -> Result<(), Step> {
+    // Root of the new user namespace: the parent mapped 0 to host_base.
+    // setgroups is allowed because a privileged parent wrote gid_map.
+    setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)).map_err(at("setresgid"))?;
+    setgroups(&[]).map_err(at("setgroups"))?;
+    setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)).map_err(at("setresuid"))?;
+    // Only now: changing credentials clears the parent-death signal.
+    prctl::set_pdeathsig(Signal::SIGKILL).map_err(at("prctl(PR_SET_PDEATHSIG)"))?;
+    // getppid() is 0 in a new pid namespace, so it cannot tell whether the
+    // shim died before the line above. The shim holds the handshake pipe's
+    // write end for as long as it lives: a hangup there means it is gone.
+    let mut pfd = [PollFd::new(plan.sync_r, PollFlags::POLLIN)];
+    poll(&mut pfd, PollTimeout::ZERO).map_err(at("poll(handshake)"))?;
+    if pfd[0].revents().is_some_and(|r| r.contains(PollFlags::POLLHUP)) {
+        return Err(("the shim exited during setup", Errno::ESRCH));
+    }
+    sethostname(&plan.hostname).map_err(at("sethostname"))?;
+    // Nothing mounted from here on may propagate back to the host.
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(at("mount --make-rprivate /"))?;
+    // pid 1 of a new pid namespace: the inherited /proc shows the host's
+    // pids; a fresh one shows the namespace's.
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(Some("proc"), "/proc", Some("proc"), flags, None::<&str>).map_err(at("mount proc on /proc"))?;
+    dup2_stdin(plan.null).map_err(at("dup2 /dev/null to stdin"))?;
+    dup2_stdout(plan.log).map_err(at("dup2 daemon.log to stdout"))?;
+    dup2_stderr(plan.log).map_err(at("dup2 daemon.log to stderr"))?;
+    chdir(plan.root.as_c_str()).map_err(at("chdir to the root dir"))?;
+    // The shim's lifeline (fd 0) and outcome pipe (fd 1) were replaced
+    // above; anything else it holds must not reach the daemon either.
+    sys::cloexec_from(3).map_err(at("close_range"))?;
+    Ok(())
+}
+
+/// Writes `<parts>: <ERRNO>: <description>` to daemon.log and to the error
+/// pipe, from a stack buffer.
+fn report(plan: &Plan, parts: &[&[u8]], errno: Errno) {
+    let mut buf = [0u8; 1024];
+    let len = {
+        let mut cur = std::io::Cursor::new(&mut buf[..]);
+        for p in parts {
+            let _ = cur.write_all(p);
+        }
+        let _ = writeln!(cur, ": {errno:?}: {}", errno.desc());
+        cur.position() as usize
+    };
+    let _ = write(plan.log, &buf[..len]);
+    let _ = write(plan.err_w, &buf[..len]);
+}

@@ -1,0 +1,111 @@
+//! The shim's raw syscalls: every `unsafe` block of the crate is here, each
+//! with the reason it is sound. Everything else goes through `nix`, which
+//! wraps the calls safely; this module covers what nix lacks or marks unsafe
+//! (clone, sigaction, close_range, closing a raw fd in a cloned child).
+//!
+//! All of these assume the process is single-threaded when they matter
+//! (clone): the shim checks that with [`thread_count`] before cloning.
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::sched::CloneFlags;
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::unistd::Pid;
+use std::fs;
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+/// Stack of a cloned child. It runs a short straight-line setup and then
+/// execs (or `_exit`s), so 1 MiB is far more than it needs; the memory is
+/// the parent's heap, copied on write into the child, and freed after clone.
+pub const CHILD_STACK: usize = 1 << 20;
+
+/// Threads of the calling process, from `<proc>/self/task`.
+///
+/// clone without CLONE_VM copies only the calling thread: if another thread
+/// held a lock (malloc's, stdio's), the child would deadlock on it. The shim
+/// is single-threaded by construction; this turns that into a checked fact.
+pub fn thread_count(proc_root: &Path) -> std::io::Result<usize> {
+    Ok(fs::read_dir(proc_root.join("self/task"))?.count())
+}
+
+/// Clones a child into the namespaces in `flags`. The child runs `cb` on
+/// `stack` and exits with its return value (glibc's clone wrapper calls the
+/// exit syscall directly, running no atexit handlers); the parent gets the
+/// child's host pid. The child is reported with SIGCHLD like a forked one.
+pub fn clone_child(flags: CloneFlags, stack: &mut [u8], cb: &mut dyn FnMut() -> isize) -> Result<Pid, Errno> {
+    // SAFETY: without CLONE_VM the child gets a private copy of the address
+    // space, like fork, and `stack` is a live heap buffer of CHILD_STACK
+    // bytes, far more than the child's setup uses. The remaining hazard of
+    // fork-like calls, locks held by other threads, does not apply: callers
+    // check `thread_count() == 1` first (the shim never starts threads).
+    unsafe { nix::sched::clone(Box::new(cb), stack, flags, Some(libc::SIGCHLD)) }
+}
+
+/// Ends a cloned child at once: no atexit handlers, no stdio flushing of
+/// buffers that are copies of the parent's (which would print twice).
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit has no preconditions; it only ends the process.
+    unsafe { libc::_exit(code) }
+}
+
+/// Closes, in a cloned child, a descriptor the parent keeps: the handshake
+/// pipe's write end must be shut in the child or it never sees EOF.
+pub fn close_in_child(fd: RawFd) {
+    // SAFETY: after clone the child's fd table is its own copy. The parent's
+    // OwnedFd for this number lives in memory the child copied but never
+    // drops (the child only execs or _exits), so closing the child's copy
+    // here cannot double-close or invalidate anything in either process.
+    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+}
+
+/// Marks every descriptor from `first` up close-on-exec, so nothing the
+/// shim holds (the agent's lifeline pipe, the handshake pipe) reaches the
+/// daemon. Uses close_range(CLOSE_RANGE_CLOEXEC) (Linux 5.11) and falls
+/// back to walking `/proc/self/fd` on older kernels.
+pub fn cloexec_from(first: RawFd) -> Result<(), Errno> {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC closes nothing; it only
+    // sets FD_CLOEXEC on open descriptors in the range. It takes no
+    // pointers, so no memory is at stake.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_close_range, first as libc::c_uint, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC)
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let rd = fs::read_dir("/proc/self/fd").map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
+    for e in rd.flatten() {
+        let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<RawFd>().ok()) else {
+            continue;
+        };
+        if fd < first {
+            continue;
+        }
+        // SAFETY: `fd` was listed as open in /proc/self/fd just now and this
+        // process is single-threaded, so nothing can close it before fcntl;
+        // the borrow lives only for this one call. (The fd of the listing
+        // itself may be among them; marking it CLOEXEC is harmless.)
+        let bfd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let _ = fcntl(bfd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    }
+    Ok(())
+}
+
+/// Resets every catchable signal to its default action and unblocks all.
+///
+/// Dispositions set to "ignore" survive execve: the Rust runtime ignores
+/// SIGPIPE in the shim, and the agent may ignore others, and the daemon
+/// must not inherit that (nor the shim's blocked mask, which also survives).
+pub fn reset_signals() {
+    let dfl = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    for sig in Signal::iterator() {
+        if sig == Signal::SIGKILL || sig == Signal::SIGSTOP {
+            continue;
+        }
+        // SAFETY: installing SIG_DFL registers no handler code, so there is
+        // no signal-safety requirement on anything; the old action returned
+        // is discarded.
+        let _ = unsafe { sigaction(sig, &dfl) };
+    }
+    let _ = nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+}

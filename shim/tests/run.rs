@@ -1,0 +1,350 @@
+//! The real `berth-shim` binary on real namespaces and cgroups (needs root,
+//! as CI runs): an instance dir is set up by hand exactly as the agent
+//! does, the daemon is `/bin/sh` with a script, and every test checks that
+//! nothing of the instance is left afterwards.
+
+use berth_shim::cgroup::{self, Layout, Limits};
+use berth_shim::spec::{EndReason, IdRange, Outcome, PidStamp, Spec, DAEMON_LOG_FILE, DAEMON_PID_FILE, SHIM_PID_FILE};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{chown, Gid, Pid, Uid};
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+const SHIM: &str = env!("CARGO_BIN_EXE_berth-shim");
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Inst {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    spec: Spec,
+}
+
+impl Drop for Inst {
+    /// A failed test must not leave cgroups or mounts on the host.
+    fn drop(&mut self) {
+        if self.dir.exists() {
+            let _ = Command::new(SHIM).arg("delete").arg(&self.dir).stdout(Stdio::null()).status();
+        }
+    }
+}
+
+/// The instance dir as the agent lays it out: dir root-owned (0711) in a
+/// traversable parent, root/ run/ home/ owned by the instance's root, a
+/// real cgroup with limits, a lease file, spec.json.
+fn setup(daemon: &str, args: &[&str]) -> Inst {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::SeqCst);
+    assert!(n < 16);
+    let pid = std::process::id();
+    let host_base = 3_000_000_000 + ((pid % 64) * 16 + n) * 65536;
+    let tmp = tempfile::tempdir().unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = tmp.path().join(format!("inst-{n}"));
+    fs::create_dir(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o711)).unwrap();
+    for sub in ["root", "run", "home"] {
+        let p = dir.join(sub);
+        fs::create_dir(&p).unwrap();
+        chown(&p, Some(Uid::from_raw(host_base)), Some(Gid::from_raw(host_base))).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let layout = Layout::detect(Path::new("/sys/fs/cgroup"), Path::new("/proc"), Some("berth-shimtest"))
+        .expect("host cgroups usable (run as root)");
+    let limits = Limits { memory_bytes: 256 << 20, cpu_millis: 1000, pids: 64 };
+    let cgroup = layout.create(&format!("t{pid}-{n}"), &limits).unwrap();
+    let lease = tmp.path().join(format!("lease-{n}"));
+    fs::write(&lease, "lease").unwrap();
+    let spec = Spec {
+        id: format!("shimtest-{pid}-{n}"),
+        dir: dir.clone(),
+        ids: IdRange { host_base, count: 65536 },
+        daemon: daemon.into(),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        env: vec![("PATH".into(), "/usr/sbin:/usr/bin:/sbin:/bin".into())],
+        cgroup,
+        stop_grace_ms: 300,
+        lease,
+        hostname: "berth-test".into(),
+        client: "test".into(),
+    };
+    spec.store().unwrap();
+    Inst { _tmp: tmp, dir, spec }
+}
+
+fn spawn(inst: &Inst) -> Child {
+    Command::new(SHIM).arg("run").arg(&inst.dir).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap()
+}
+
+/// The shim's single stdout line and its exit status, bounded by WAIT.
+fn outcome(mut child: Child) -> (Outcome, ExitStatus) {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let lines: Vec<String> = BufReader::new(stdout).lines().map_while(Result::ok).collect();
+        let _ = tx.send(lines);
+    });
+    let lines = rx.recv_timeout(WAIT).expect("shim printed its outcome in time");
+    assert_eq!(lines.len(), 1, "exactly one line: {lines:?}");
+    let out: Outcome = serde_json::from_str(&lines[0]).unwrap();
+    (out, child.wait().unwrap())
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        sleep(Duration::from_millis(10));
+    }
+}
+
+fn read_when_there(p: &Path) -> String {
+    wait_for(&p.display().to_string(), || p.exists());
+    fs::read_to_string(p).unwrap()
+}
+
+fn cmdlines_with(needle: &str) -> Vec<String> {
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter_map(|e| fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(needle))
+        .collect()
+}
+
+fn assert_gone(inst: &Inst) {
+    assert!(!inst.dir.exists(), "instance dir left");
+    for (c, d) in &inst.spec.cgroup.dirs {
+        assert!(!d.exists(), "{c} cgroup left: {}", d.display());
+    }
+    assert!(!inst.spec.lease.exists(), "lease left");
+    let procs = cmdlines_with(&inst.dir.to_string_lossy());
+    assert!(procs.is_empty(), "processes left: {procs:?}");
+}
+
+fn running(stamp: &PidStamp) -> bool {
+    let stat = fs::read_to_string(format!("/proc/{}/stat", stamp.pid)).unwrap_or_default();
+    stamp.alive(Path::new("/proc")) && !stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+}
+
+/// Writes what the daemon sees into root/info (atomically), says hi on
+/// stderr, then runs a child forever. As pid 1 without a TERM trap, sh
+/// ignores SIGTERM, so the shim's SIGKILL after the grace ends it.
+const LONG: &str = r#"
+echo hi >&2
+{ cat /proc/self/uid_map; cat /proc/self/gid_map; echo "pid=$$"; echo "host=$(cat /proc/sys/kernel/hostname)"; echo "uid=$(id -u)"; } > info.tmp
+mv info.tmp info; sleep 1000; echo never"#;
+
+fn words(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[test]
+fn daemon_runs_mapped_in_its_namespaces_and_lifeline_close_tears_down() {
+    let inst = setup("/bin/sh", &["-c", LONG]);
+    // $0 of the script: puts the dir in the daemon's cmdline for the scan.
+    let mut inst = inst;
+    inst.spec.args.push(inst.dir.to_string_lossy().into_owned());
+    inst.spec.store().unwrap();
+    // Through a shell that leaves fds 7 and 8 (dups of the lifeline and the
+    // outcome pipe) open across exec, as a careless agent could: the shim
+    // must not pass them on.
+    let mut child = Command::new("/bin/sh")
+        .args(["-c", r#"exec 7<&0 8>&1; exec "$0" run "$1""#, SHIM])
+        .arg(&inst.dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let info = read_when_there(&inst.dir.join("root/info"));
+    let base = inst.spec.ids.host_base;
+    let lines: Vec<&str> = info.lines().collect();
+    assert_eq!(words(lines[0]), format!("0 {base} 65536"), "{info}");
+    assert_eq!(words(lines[1]), format!("0 {base} 65536"), "{info}");
+    assert_eq!(lines[2], "pid=1");
+    assert_eq!(lines[3], "host=berth-test");
+    assert_eq!(lines[4], "uid=0");
+
+    let daemon = PidStamp::load(&inst.dir.join(DAEMON_PID_FILE)).unwrap();
+    let shim = PidStamp::load(&inst.dir.join(SHIM_PID_FILE)).unwrap();
+    assert_eq!(shim.pid as u32, child.id());
+    assert!(cgroup::procs(&inst.spec.cgroup).contains(&daemon.pid));
+    // The daemon's fds, seen from the host while it waits for its child:
+    // stdin /dev/null, stdout and stderr the log, and nothing else (no
+    // lifeline or handshake pipe leaked in).
+    let log = inst.dir.join(DAEMON_LOG_FILE);
+    let fds: Vec<(String, PathBuf)> = fs::read_dir(format!("/proc/{}/fd", daemon.pid))
+        .unwrap()
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), fs::read_link(e.path()).unwrap()))
+        .collect();
+    let mut fds = fds;
+    fds.sort();
+    let want =
+        vec![("0".to_string(), PathBuf::from("/dev/null")), ("1".into(), log.clone()), ("2".into(), log.clone())];
+    assert_eq!(fds, want);
+    let log_mode = fs::metadata(inst.dir.join(DAEMON_LOG_FILE)).unwrap().permissions().mode();
+    assert_eq!(log_mode & 0o777, 0o600);
+    assert!(!cmdlines_with(&inst.dir.to_string_lossy()).is_empty());
+
+    drop(child.stdin.take()); // the agent "dies"
+    let (out, status) = outcome(child);
+    assert_eq!(out.reason, EndReason::ParentGone);
+    assert_eq!(out.id, inst.spec.id);
+    assert!(out.stderr_tail.contains("hi"), "{out:?}");
+    assert_eq!(out.signal, Some(9), "sh as pid 1 ignores SIGTERM: SIGKILL after the grace");
+    assert!(out.leftovers.is_empty() && out.error.is_none(), "{out:?}");
+    assert!(out.peak_memory.is_some_and(|m| m > 0), "{out:?}");
+    assert!(status.success());
+    assert!(!running(&daemon));
+    assert_gone(&inst);
+}
+
+#[test]
+fn sigterm_stops_a_daemon_that_handles_it_within_the_grace() {
+    let script = r#"trap 'echo bye >&2; exit 0' TERM; echo hi >&2; while :; do sleep 0.05; done"#;
+    let inst = setup("/bin/sh", &["-c", script]);
+    let child = spawn(&inst);
+    wait_for("hi in daemon.log", || {
+        fs::read_to_string(inst.dir.join(DAEMON_LOG_FILE)).unwrap_or_default().contains("hi")
+    });
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let (out, status) = outcome(child);
+    assert_eq!(out.reason, EndReason::Stopped);
+    assert_eq!((out.exit_code, out.signal), (Some(0), None), "{out:?}");
+    assert!(out.stderr_tail.contains("hi\nbye"), "{out:?}");
+    assert!(out.leftovers.is_empty() && status.success(), "{out:?}");
+    assert_gone(&inst);
+}
+
+#[test]
+fn daemon_exit_is_reported_with_code_and_tail() {
+    let inst = setup("/bin/sh", &["-c", "echo boom >&2; exit 3"]);
+    let (out, status) = outcome(spawn(&inst));
+    assert_eq!(out.reason, EndReason::DaemonExited);
+    assert_eq!(out.exit_code, Some(3));
+    assert_eq!(out.stderr_tail, "boom");
+    assert!(out.leftovers.is_empty() && out.error.is_none() && status.success(), "{out:?}");
+    assert_gone(&inst);
+}
+
+#[test]
+fn exec_failure_is_a_start_failure_with_the_error_in_the_tail() {
+    let inst = setup("/nonexistent/berthd", &["--root", "x"]);
+    let (out, status) = outcome(spawn(&inst));
+    assert_eq!(out.reason, EndReason::StartFailed);
+    assert_eq!(out.exit_code, Some(127));
+    let want = "exec /nonexistent/berthd: ENOENT";
+    assert!(out.stderr_tail.contains(want), "{out:?}");
+    assert!(out.error.as_deref().is_some_and(|e| e.contains(want)), "{out:?}");
+    assert!(out.leftovers.is_empty() && status.success(), "{out:?}");
+    assert_gone(&inst);
+}
+
+#[test]
+fn a_failed_parent_step_kills_the_child_and_cleans_up() {
+    let mut inst = setup("/bin/sh", &["-c", "echo never >&2"]);
+    // The kernel refuses a map of zero ids: the uid_map write fails after
+    // the child exists and blocks on the handshake.
+    inst.spec.ids.count = 0;
+    inst.spec.store().unwrap();
+    let (out, status) = outcome(spawn(&inst));
+    assert_eq!(out.reason, EndReason::StartFailed);
+    let err = out.error.clone().unwrap_or_default();
+    assert!(err.contains("uid_map") && err.contains("Invalid argument"), "{out:?}");
+    assert!(!out.stderr_tail.contains("never"), "{out:?}");
+    assert!(out.leftovers.is_empty() && status.success(), "{out:?}");
+    // The child was a clone of the shim, with the dir in its cmdline.
+    assert_gone(&inst);
+}
+
+#[test]
+fn shim_sigkill_takes_the_daemon_along_and_delete_cleans_the_rest() {
+    let mut inst = setup("/bin/sh", &["-c", LONG]);
+    inst.spec.args.push(inst.dir.to_string_lossy().into_owned());
+    inst.spec.store().unwrap();
+    let mut child = spawn(&inst);
+    read_when_there(&inst.dir.join("root/info"));
+    let daemon = PidStamp::load(&inst.dir.join(DAEMON_PID_FILE)).unwrap();
+    assert!(running(&daemon));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // PR_SET_PDEATHSIG, set after the id switch, kills the daemon.
+    wait_for("the daemon to die with the shim", || !running(&daemon));
+    assert!(inst.dir.exists() && inst.spec.lease.exists());
+
+    for round in 0..2 {
+        let res = Command::new(SHIM).arg("delete").arg(&inst.dir).output().unwrap();
+        let out: Outcome = serde_json::from_slice(&res.stdout).unwrap();
+        assert_eq!(out.reason, EndReason::Deleted);
+        assert!(res.status.success() && out.leftovers.is_empty(), "round {round}: {out:?}");
+        if round == 0 {
+            assert_eq!(out.id, inst.spec.id);
+            assert!(out.stderr_tail.contains("hi"), "{out:?}");
+        }
+        assert_gone(&inst);
+    }
+}
+
+#[test]
+fn delete_kills_a_live_shim_and_its_daemon() {
+    let mut inst = setup("/bin/sh", &["-c", LONG]);
+    inst.spec.args.push(inst.dir.to_string_lossy().into_owned());
+    inst.spec.store().unwrap();
+    let mut child = spawn(&inst);
+    read_when_there(&inst.dir.join("root/info"));
+    let res = Command::new(SHIM).arg("delete").arg(&inst.dir).output().unwrap();
+    let out: Outcome = serde_json::from_slice(&res.stdout).unwrap();
+    assert!(res.status.success() && out.leftovers.is_empty(), "{out:?}");
+    assert!(!child.wait().unwrap().success(), "the shim was SIGKILLed");
+    assert_gone(&inst);
+}
+
+#[test]
+fn delete_without_a_spec_still_wipes_the_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("orphan");
+    fs::create_dir_all(dir.join("root/deep")).unwrap();
+    fs::write(dir.join("root/deep/f"), "x").unwrap();
+    fs::write(dir.join("spec.json"), "{ not json").unwrap();
+    let res = Command::new(SHIM).arg("delete").arg(&dir).output().unwrap();
+    let out: Outcome = serde_json::from_slice(&res.stdout).unwrap();
+    assert!(res.status.success(), "{out:?}");
+    assert!(out.error.as_deref().is_some_and(|e| e.contains("spec.json")), "{out:?}");
+    assert!(!dir.exists());
+}
+
+#[test]
+fn run_without_a_spec_touches_nothing_and_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("nospec");
+    fs::create_dir(&dir).unwrap();
+    let child = Command::new(SHIM).arg("run").arg(&dir).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let (out, status) = outcome(child);
+    assert_eq!(out.reason, EndReason::StartFailed);
+    assert_eq!(status.code(), Some(1));
+    assert!(dir.exists() && out.error.is_some());
+}
+
+#[test]
+fn probe_userns_succeeds_here() {
+    let res = Command::new(SHIM).arg("probe-userns").output().unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+}
+
+#[test]
+fn bad_usage_exits_2_with_usage() {
+    for args in [&[][..], &["bogus"][..], &["run"][..], &["delete", "a", "b"][..]] {
+        let res = Command::new(SHIM).args(args).output().unwrap();
+        assert_eq!(res.status.code(), Some(2), "{args:?}");
+        assert!(String::from_utf8_lossy(&res.stderr).contains("usage: berth-shim run"), "{args:?}");
+    }
+}

@@ -1,0 +1,5 @@
+//! fakekitd: the stand-in build daemon; see `berth_tests::fakekitd`.
+
+fn main() {
+    berth_tests::fakekitd::main()
+}

@@ -1,0 +1,49 @@
+//! berth-tests: the end-to-end side of berth.
+//!
+//! - [`proto`]: the generated gRPC code for the shared protos in `<workspace>/proto`
+//!   (`berth.fake.v1` and the BuildKit `moby.buildkit.v1.Control` subset).
+//! - [`grpc`]: channels over unix sockets and small client helpers.
+//! - [`pattern`]: the deterministic byte stream `Fake.Stream` sends, and its checksum.
+//! - [`fakekitd`]: the stand-in build daemon (the `fakekitd` binary is a thin main).
+//! - [`harness`]: drives the real `berth-agent`, `berth-shim`, `fakekitd` and
+//!   `fakeclient` binaries for the end-to-end suites in `tests/`.
+
+pub mod fakekitd;
+pub mod grpc;
+pub mod harness;
+pub mod pattern;
+
+/// Generated code. Module paths follow the proto packages, so the cross-package
+/// references prost generates (`super::super::...`) resolve; [`proto::fake`] and
+/// [`proto::control`] are the short names.
+pub mod proto {
+    pub mod berth {
+        pub mod fake {
+            pub mod v1 {
+                tonic::include_proto!("berth.fake.v1");
+            }
+        }
+    }
+    pub mod moby {
+        pub mod buildkit {
+            pub mod v1 {
+                tonic::include_proto!("moby.buildkit.v1");
+                pub mod types {
+                    tonic::include_proto!("moby.buildkit.v1.types");
+                }
+            }
+        }
+    }
+    pub mod pb {
+        tonic::include_proto!("pb");
+    }
+
+    /// `berth.fake.v1`: `fake::fake_client::FakeClient`, `fake::fake_server::{Fake, FakeServer}`.
+    pub use berth::fake::v1 as fake;
+    /// `moby.buildkit.v1`: `control::control_client::ControlClient`,
+    /// `control::control_server::{Control, ControlServer}`, `control::types::WorkerRecord`.
+    pub use moby::buildkit::v1 as control;
+}
+
+pub use grpc::{channel, control_client, fake_client, health_check, try_channel};
+pub use harness::{bin_path, Agent, AgentBuilder};
