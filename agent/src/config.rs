@@ -216,6 +216,24 @@ pub struct RunArgs {
     pub scope: Scope,
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Serve the CSI Identity and Node services here (kubelet's plugin dir).
+    #[arg(long, env = "BERTH_CSI_ENDPOINT", value_parser = parse_unix_url)]
+    pub csi_endpoint: Option<PathBuf>,
+    /// The CSI driver name pods put in `csi: {driver: ...}`.
+    #[arg(long, env = "BERTH_CSI_DRIVER_NAME", default_value = "berth.dev")]
+    pub csi_driver_name: String,
+    /// kubelet's root dir: CSI target paths must lie under `<dir>/pods/`.
+    #[arg(long, env = "BERTH_KUBELET_DIR", default_value = "/var/lib/kubelet")]
+    pub kubelet_dir: PathBuf,
+    /// Host dir for per-pod socket dirs (`<dir>/pods/<volume>/buildkitd.sock`).
+    #[arg(long, env = "BERTH_RUN_DIR", default_value = "/run/berth")]
+    pub run_dir: PathBuf,
+    /// Namespaces whose pods may publish a berth volume (comma-separated); empty: all.
+    #[arg(long, env = "BERTH_CSI_ALLOWED_NAMESPACES", value_delimiter = ',')]
+    pub csi_allowed_namespaces: Vec<String>,
+    /// Most berth volumes one namespace may hold on this node; 0: no limit.
+    #[arg(long, env = "BERTH_CSI_MAX_PER_NAMESPACE", default_value_t = 0)]
+    pub csi_max_per_namespace: usize,
     /// Address of /healthz, /readyz and /metrics; `off` disables them.
     #[arg(long, env = "BERTH_HTTP_ADDR", default_value = "0.0.0.0:9411", value_parser = parse_http_addr)]
     pub http_addr: HttpAddr,

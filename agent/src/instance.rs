@@ -29,6 +29,10 @@ pub struct Instance {
     /// Active connections.
     pub conns: watch::Sender<usize>,
     pub created: Instant,
+    /// Set to end the instance now (its pod's volume was unpublished).
+    pub stop: watch::Sender<bool>,
+    /// Set once the instance is wiped and its slot is free.
+    pub wiped: watch::Sender<bool>,
     /// The build slot, held from spawn until the wipe is done.
     slot: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
 }
@@ -44,6 +48,8 @@ impl Instance {
             conns: watch::Sender::new(0),
             created: Instant::now(),
             slot: std::sync::Mutex::new(Some(slot)),
+            stop: watch::Sender::new(false),
+            wiped: watch::Sender::new(false),
         })
     }
 
@@ -87,6 +93,7 @@ async fn life(ctx: Arc<Ctx>, inst: Arc<Instance>) {
     // The slot frees only now, after the wipe: the next build must not
     // start while this one's state is still on disk.
     inst.slot.lock().expect("slot lock").take();
+    inst.wiped.send_replace(true);
 }
 
 async fn run_life(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> &'static str {

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{debug, info, warn, Instrument};
 
@@ -47,9 +48,18 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
     Ok(l)
 }
 
-/// Accepts until shutdown. Each connection runs in its own task, so a slow
-/// or hostile client never holds up the others.
-pub async fn serve(ctx: Arc<Ctx>, listener: UnixListener, path: PathBuf) {
+/// Who the connections of a listener belong to.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// The shared node socket: identify each peer by its credentials.
+    Node,
+    /// A pod's own CSI socket: every connection is that pod's.
+    Pod(Client),
+}
+
+/// Accepts until the agent drains or `stop` fires. Each connection runs in
+/// its own task, so a slow or hostile client never holds up the others.
+pub async fn serve(ctx: Arc<Ctx>, listener: UnixListener, path: PathBuf, source: Source, stop: CancellationToken) {
     let mut draining = ctx.draining.subscribe();
     info!(socket = %path.display(), "listening");
     loop {
@@ -57,7 +67,8 @@ pub async fn serve(ctx: Arc<Ctx>, listener: UnixListener, path: PathBuf) {
             res = listener.accept() => match res {
                 Ok((stream, _)) => {
                     let ctx = ctx.clone();
-                    tokio::spawn(async move { handle(ctx, stream).await });
+                    let source = source.clone();
+                    tokio::spawn(async move { handle(ctx, stream, source).await });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off rather than spin.
@@ -66,14 +77,19 @@ pub async fn serve(ctx: Arc<Ctx>, listener: UnixListener, path: PathBuf) {
                 }
             },
             _ = crate::raised(&mut draining) => break,
+            _ = stop.cancelled() => break,
         }
     }
+    debug!(socket = %path.display(), "listener closed");
 }
 
 static CONN_SEQ: AtomicU64 = AtomicU64::new(0);
 
-async fn handle(ctx: Arc<Ctx>, stream: UnixStream) {
-    let client = identify(&ctx, &stream);
+async fn handle(ctx: Arc<Ctx>, stream: UnixStream, source: Source) {
+    let client = match source {
+        Source::Node => identify(&ctx, &stream),
+        Source::Pod(c) => c,
+    };
     let span = tracing::info_span!("conn", client = %client.display);
     async move {
         match admit(&ctx, &client, &stream).await {

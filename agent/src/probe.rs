@@ -11,6 +11,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
+use crate::proto::control::control_client::ControlClient;
+use crate::proto::control::ListWorkersRequest;
 
 /// Per-attempt bound: a daemon that accepts but never answers must not stall
 /// the start loop past its deadline.
@@ -29,21 +31,23 @@ pub async fn channel(socket: &Path) -> Result<Channel, tonic::transport::Error> 
         .await
 }
 
-/// True when the daemon on `socket` reports SERVING.
+/// True when the daemon on `socket` answers: grpc.health.v1 reports
+/// SERVING, or, for daemons older than buildkit v0.13 that have no health
+/// service (UNIMPLEMENTED), `Control.ListWorkers` returns a worker.
 pub async fn ready(socket: &Path) -> bool {
-    let Ok(ch) = channel(socket).await else {
-        return false;
-    };
-    let mut client = HealthClient::new(ch);
-    match tokio::time::timeout(
-        ATTEMPT_TIMEOUT,
-        client.check(HealthCheckRequest {
-            service: String::new(),
-        }),
-    )
-    .await
-    {
+    let Ok(ch) = channel(socket).await else { return false };
+    let mut client = HealthClient::new(ch.clone());
+    match tokio::time::timeout(ATTEMPT_TIMEOUT, client.check(HealthCheckRequest { service: String::new() })).await {
         Ok(Ok(resp)) => resp.into_inner().status == ServingStatus::Serving as i32,
+        Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => list_workers(ch).await,
+        _ => false,
+    }
+}
+
+async fn list_workers(ch: Channel) -> bool {
+    let mut client = ControlClient::new(ch);
+    match tokio::time::timeout(ATTEMPT_TIMEOUT, client.list_workers(ListWorkersRequest::default())).await {
+        Ok(Ok(resp)) => !resp.into_inner().record.is_empty(),
         _ => false,
     }
 }

@@ -25,6 +25,7 @@ const WIPE_BUDGET: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub enum EndCause {
     Idle,
+    Unpublished,
     Closed,
     DaemonExited,
     Drain,
@@ -133,6 +134,7 @@ pub async fn serve_until_end(
 ) -> EndCause {
     let mut conns = inst.conns.subscribe();
     let mut shutdown = ctx.shutdown.subscribe();
+    let mut stop = inst.stop.subscribe();
     loop {
         tokio::select! {
             _ = shim.ended() => {
@@ -142,6 +144,10 @@ pub async fn serve_until_end(
             _ = crate::raised(&mut shutdown) => {
                 unregister(ctx, inst, true);
                 return EndCause::Drain;
+            }
+            _ = crate::raised(&mut stop) => {
+                unregister(ctx, inst, true);
+                return EndCause::Unpublished;
             }
             _ = crate::count_until(&mut conns, |c| *c == 0) => {}
         }
@@ -153,6 +159,10 @@ pub async fn serve_until_end(
             _ = crate::raised(&mut shutdown) => {
                 unregister(ctx, inst, true);
                 return EndCause::Drain;
+            }
+            _ = crate::raised(&mut stop) => {
+                unregister(ctx, inst, true);
+                return EndCause::Unpublished;
             }
             _ = crate::count_until(&mut conns, |c| *c > 0) => continue,
             _ = tokio::time::sleep(idle) => {
@@ -173,6 +183,7 @@ pub fn record(ctx: &Ctx, inst: &Instance, cause: EndCause, outcome: Option<&Outc
         (EndCause::DaemonExited, Some(o)) if o.pids_limit_hits > 0 => "pids",
         (EndCause::DaemonExited, _) => "daemon_exit",
         (EndCause::Idle, _) => "idle",
+        (EndCause::Unpublished, _) => "unpublished",
         (EndCause::Closed, _) => "closed",
         (EndCause::Drain, _) => "drain",
         (EndCause::StartFailed(_), _) => "error",

@@ -159,7 +159,23 @@ pub async fn run(args: RunArgs) -> Result<(), ServeError> {
     let mut listeners = Vec::new();
     for path in &ctx.run.listen {
         let l = listen::bind(path, ctx.run.socket_mode)?;
-        listeners.push(tokio::spawn(listen::serve(ctx.clone(), l, path.clone())));
+        listeners.push(tokio::spawn(listen::serve(
+            ctx.clone(),
+            l,
+            path.clone(),
+            listen::Source::Node,
+            tokio_util::sync::CancellationToken::new(),
+        )));
+    }
+    if let Some(endpoint) = ctx.run.csi_endpoint.clone() {
+        let l = listen::bind(&endpoint, 0o600)?;
+        let csi = crate::csi::Csi::new(ctx.clone());
+        csi.recover();
+        tokio::spawn(async move {
+            if let Err(e) = crate::csi::serve(csi, l, endpoint).await {
+                tracing::error!(error = %e, "CSI endpoint failed");
+            }
+        });
     }
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: stopping"),

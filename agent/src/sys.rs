@@ -84,3 +84,64 @@ pub fn fs_type(path: &Path) -> io::Result<String> {
         other => format!("fs magic {:#x}", other.0),
     })
 }
+
+/// Bind-mounts the directory `src` onto `target` (MS_BIND, not recursive:
+/// only the socket dir itself goes into the pod).
+pub fn bind_mount(src: &Path, target: &Path) -> io::Result<()> {
+    use nix::mount::{mount, MsFlags};
+    mount(Some(src), target, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(|e| {
+        io::Error::new(io::Error::from(e).kind(), format!("bind mount {} on {}: {e}", src.display(), target.display()))
+    })
+}
+
+/// Unmounts `target`; "not mounted" is success, so unpublish is idempotent.
+pub fn unmount(target: &Path) -> io::Result<()> {
+    use nix::mount::{umount2, MntFlags};
+    match umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+        // Busy: a process still has it open; detach so it goes when they do.
+        Err(nix::errno::Errno::EBUSY) => umount2(target, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW)
+            .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("umount -l {}: {e}", target.display()))),
+        Err(e) => Err(io::Error::new(io::Error::from(e).kind(), format!("umount {}: {e}", target.display()))),
+    }
+}
+
+/// A line of `/proc/self/mountinfo`: the mount point, the root of the
+/// mounted tree within its filesystem, and the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub mount_point: std::path::PathBuf,
+    pub root: std::path::PathBuf,
+    pub dev: String,
+}
+
+/// Mounts of this mount namespace, with octal escapes (`\040`) decoded.
+pub fn mounts(proc_root: &Path) -> Vec<MountEntry> {
+    let text = std::fs::read_to_string(proc_root.join("self/mountinfo")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 4).then(|| MountEntry {
+                dev: f[2].to_string(),
+                root: unescape(f[3]).into(),
+                mount_point: unescape(f[4]).into(),
+            })
+        })
+        .collect()
+}
+
+fn unescape(s: &str) -> String {
+    let mut out = String::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push(u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?') as char);
+            i += 4;
+        } else {
+            out.push(b[i] as char);
+            i += 1;
+        }
+    }
+    out
+}

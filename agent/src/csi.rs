@@ -1,0 +1,168 @@
+//! The CSI node plugin: CI pods reach berth without hostPath, through a CSI
+//! ephemeral inline volume. Publishing a volume creates a per-pod socket dir
+//! on the host, listens there for that pod only, and bind-mounts the dir (not
+//! the socket, so a restarted agent can listen again under the same mount)
+//! onto kubelet's target path. The pod's instance starts at its first
+//! connection and is reaped when idle, and always at unpublish.
+#![forbid(unsafe_code)]
+
+pub mod identity;
+pub mod node;
+pub mod target;
+
+use crate::admit::Client;
+use crate::listen::{self, Source};
+use crate::{sys, Ctx};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use target::Pod;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// The record of one published volume, `<run-dir>/pods/<volume>/pod.json`:
+/// enough to listen again after a restart, or to clean up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Publication {
+    pub volume_id: String,
+    pub target_path: PathBuf,
+    pub pod: Pod,
+}
+
+pub const RECORD: &str = "pod.json";
+pub const SOCKET: &str = "buildkitd.sock";
+/// How long unpublish waits for the pod's instance to be wiped.
+const WIPE_WAIT: Duration = Duration::from_secs(90);
+
+impl Publication {
+    /// All connections on the pod's socket are this client: the pod.
+    pub fn client(&self) -> Client {
+        Client {
+            key: format!("pod={} volume={}", self.pod.uid, self.volume_id),
+            display: format!(
+                "pod={}/{} uid={} sa={}",
+                self.pod.namespace, self.pod.name, self.pod.uid, self.pod.service_account
+            ),
+        }
+    }
+}
+
+struct Live {
+    publication: Publication,
+    listener: CancellationToken,
+}
+
+/// The plugin's state: live publications and a lock per volume, so that
+/// concurrent publish/unpublish calls for one volume run one at a time.
+pub struct Csi {
+    pub ctx: Arc<Ctx>,
+    live: Mutex<HashMap<String, Live>>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Csi {
+    pub fn new(ctx: Arc<Ctx>) -> Arc<Csi> {
+        Arc::new(Csi { ctx, live: Mutex::new(HashMap::new()), locks: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn pods_dir(&self) -> PathBuf {
+        self.ctx.run.run_dir.join("pods")
+    }
+
+    pub fn dir_of(&self, volume_id: &str) -> PathBuf {
+        self.pods_dir().join(volume_id)
+    }
+
+    fn lock_of(&self, volume_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks.lock().expect("locks").entry(volume_id.to_string()).or_default().clone()
+    }
+
+    fn published(&self, volume_id: &str) -> Option<Publication> {
+        self.live.lock().expect("live").get(volume_id).map(|l| l.publication.clone())
+    }
+
+    fn count_in_namespace(&self, ns: &str) -> usize {
+        self.live.lock().expect("live").values().filter(|l| l.publication.pod.namespace == ns).count()
+    }
+
+    /// Binds the pod's socket and serves it as that pod.
+    fn listen(&self, p: &Publication) -> Result<CancellationToken, String> {
+        let sock = self.dir_of(&p.volume_id).join(SOCKET);
+        // Any uid in the pod may connect; only this pod sees the dir.
+        let l = listen::bind(&sock, 0o666).map_err(|e| e.to_string())?;
+        let token = CancellationToken::new();
+        tokio::spawn(listen::serve(self.ctx.clone(), l, sock, Source::Pod(p.client()), token.clone()));
+        Ok(token)
+    }
+
+    fn insert(&self, p: Publication, listener: CancellationToken) {
+        self.live.lock().expect("live").insert(p.volume_id.clone(), Live { publication: p, listener });
+    }
+
+    /// Ends the pod's instance, if it has one, and waits for its wipe.
+    async fn end_instance(&self, p: &Publication) {
+        let key = p.client().key;
+        let inst = self.ctx.registry.lock().expect("registry").get(&key).cloned();
+        if let Some(inst) = inst {
+            inst.stop.send_replace(true);
+            let mut wiped = inst.wiped.subscribe();
+            if tokio::time::timeout(WIPE_WAIT, crate::raised(&mut wiped)).await.is_err() {
+                warn!(instance = %inst.id, "instance not wiped within {WIPE_WAIT:?} of unpublish");
+            }
+        }
+    }
+
+    /// True when `target` is a mount of the pod's own socket dir.
+    pub fn mounted_here(&self, target: &Path, volume_id: &str) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let (Ok(t), Ok(d)) = (std::fs::metadata(target), std::fs::metadata(self.dir_of(volume_id))) else {
+            return false;
+        };
+        t.dev() == d.dev() && t.ino() == d.ino()
+    }
+
+    /// Re-creates listeners for the volumes published before a restart;
+    /// a volume whose target is no longer mounted is wiped.
+    pub fn recover(&self) {
+        let Ok(rd) = std::fs::read_dir(self.pods_dir()) else { return };
+        for e in rd.flatten() {
+            let dir = e.path();
+            let record = std::fs::read(dir.join(RECORD)).ok().and_then(|b| serde_json::from_slice::<Publication>(&b).ok());
+            match record {
+                Some(p) if self.mounted_here(&p.target_path, &p.volume_id) => match self.listen(&p) {
+                    Ok(token) => {
+                        info!(volume = %p.volume_id, pod = %p.client().display, "re-listening for a volume published before the restart");
+                        self.insert(p, token);
+                    }
+                    Err(e) => warn!(volume = %p.volume_id, error = %e, "cannot listen again for a published volume"),
+                },
+                other => {
+                    if let Some(p) = &other {
+                        let _ = sys::unmount(&p.target_path);
+                    }
+                    info!(dir = %dir.display(), "wiping a pod socket dir whose volume is gone");
+                    if let Err(e) = std::fs::remove_dir_all(&dir) {
+                        warn!(dir = %dir.display(), error = %e, "cannot remove stale pod socket dir");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Serves Identity and Node on the CSI endpoint until the agent shuts down.
+pub async fn serve(csi: Arc<Csi>, l: tokio::net::UnixListener, endpoint: PathBuf) -> Result<(), String> {
+    use crate::proto::csi_v1::identity_server::IdentityServer;
+    use crate::proto::csi_v1::node_server::NodeServer;
+    info!(endpoint = %endpoint.display(), driver = %csi.ctx.run.csi_driver_name, "serving CSI");
+    let mut shutdown = csi.ctx.shutdown.subscribe();
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);
+    tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(identity::Identity(csi.clone())))
+        .add_service(NodeServer::new(node::Node(csi.clone())))
+        .serve_with_incoming_shutdown(incoming, async move { crate::raised(&mut shutdown).await })
+        .await
+        .map_err(|e| format!("CSI server on {}: {e}", endpoint.display()))
+}
