@@ -181,6 +181,9 @@ mod tests;
 
 /// `berth-agent capacity`.
 pub fn main(args: &crate::config::CapacityCmd) -> i32 {
+    if args.cluster {
+        return crate::publish::cluster::main(args);
+    }
     let here = this_node(&args.host.cgroup_root, &args.host.proc_root);
     let node = Shape {
         memory: args.node_memory.unwrap_or(here.memory),

@@ -102,6 +102,12 @@ pub struct CapacityCmd {
     pub target_concurrency: Option<u64>,
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
+    /// Slots and builds in use of every Node, read from the Kubernetes API (kubeconfig or in-cluster).
+    #[arg(long)]
+    pub cluster: bool,
+    /// Extended resource `--cluster` reads.
+    #[arg(long, env = "BERTH_EXTENDED_RESOURCE_NAME", default_value = crate::publish::DEFAULT_RESOURCE, value_parser = crate::publish::parse_resource_name)]
+    pub extended_resource_name: String,
 }
 
 /// Where berth looks at and writes to the host. Configurable so that unit
@@ -237,6 +243,17 @@ pub struct RunArgs {
     /// Address of /healthz, /readyz and /metrics; `off` disables them.
     #[arg(long, env = "BERTH_HTTP_ADDR", default_value = "0.0.0.0:9411", value_parser = parse_http_addr)]
     pub http_addr: HttpAddr,
+    /// This Node's name in the Kubernetes API (default: env NODE_NAME, which the chart
+    /// sets from the downward API); without one, capacity is not published.
+    #[arg(long, env = "BERTH_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Publish the slots as a Node extended resource, plus berth.dev/* labels and
+    /// annotations (default: on when the node name is known); `--publish-capacity=false` turns it off.
+    #[arg(long, env = "BERTH_PUBLISH_CAPACITY", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub publish_capacity: Option<bool>,
+    /// Extended resource the slots are published as (what build pods request).
+    #[arg(long, env = "BERTH_EXTENDED_RESOURCE_NAME", default_value = crate::publish::DEFAULT_RESOURCE, value_parser = crate::publish::parse_resource_name)]
+    pub extended_resource_name: String,
 }
 
 /// `--http-addr`: a socket address or `off`.

@@ -22,8 +22,9 @@ use target::Pod;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-/// The record of one published volume, `<run-dir>/pods/<volume>/pod.json`:
-/// enough to listen again after a restart, or to clean up.
+/// The record of one published volume, `<run-dir>/volumes/<volume>.json`:
+/// enough to listen again after a restart, or to clean up. It lives outside
+/// the mounted socket dir, so the pod sees nothing but its socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Publication {
     pub volume_id: String,
@@ -31,7 +32,6 @@ pub struct Publication {
     pub pod: Pod,
 }
 
-pub const RECORD: &str = "pod.json";
 pub const SOCKET: &str = "buildkitd.sock";
 /// How long unpublish waits for the pod's instance to be wiped.
 const WIPE_WAIT: Duration = Duration::from_secs(90);
@@ -73,6 +73,14 @@ impl Csi {
 
     pub fn dir_of(&self, volume_id: &str) -> PathBuf {
         self.pods_dir().join(volume_id)
+    }
+
+    pub fn record_of(&self, volume_id: &str) -> PathBuf {
+        self.ctx.run.run_dir.join("volumes").join(format!("{volume_id}.json"))
+    }
+
+    pub fn load_record(&self, volume_id: &str) -> Option<Publication> {
+        std::fs::read(self.record_of(volume_id)).ok().and_then(|b| serde_json::from_slice(&b).ok())
     }
 
     fn lock_of(&self, volume_id: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -126,25 +134,36 @@ impl Csi {
     /// Re-creates listeners for the volumes published before a restart;
     /// a volume whose target is no longer mounted is wiped.
     pub fn recover(&self) {
-        let Ok(rd) = std::fs::read_dir(self.pods_dir()) else { return };
-        for e in rd.flatten() {
-            let dir = e.path();
-            let record = std::fs::read(dir.join(RECORD)).ok().and_then(|b| serde_json::from_slice::<Publication>(&b).ok());
-            match record {
-                Some(p) if self.mounted_here(&p.target_path, &p.volume_id) => match self.listen(&p) {
-                    Ok(token) => {
-                        info!(volume = %p.volume_id, pod = %p.client().display, "re-listening for a volume published before the restart");
-                        self.insert(p, token);
+        let mut known = std::collections::HashSet::new();
+        if let Ok(rd) = std::fs::read_dir(self.ctx.run.run_dir.join("volumes")) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let Some(vol) = name.strip_suffix(".json").filter(|v| target::volume_id(v).is_ok()) else { continue };
+                match self.load_record(vol) {
+                    Some(p) if self.mounted_here(&p.target_path, &p.volume_id) => match self.listen(&p) {
+                        Ok(token) => {
+                            info!(volume = %p.volume_id, pod = %p.client().display, "re-listening for a volume published before the restart");
+                            known.insert(vol.to_string());
+                            self.insert(p, token);
+                        }
+                        Err(e) => warn!(volume = %p.volume_id, error = %e, "cannot listen again for a published volume"),
+                    },
+                    other => {
+                        if let Some(p) = &other {
+                            let _ = sys::unmount(&p.target_path);
+                        }
+                        info!(volume = vol, "wiping the socket dir of a volume that is gone");
+                        let _ = std::fs::remove_file(e.path());
                     }
-                    Err(e) => warn!(volume = %p.volume_id, error = %e, "cannot listen again for a published volume"),
-                },
-                other => {
-                    if let Some(p) = &other {
-                        let _ = sys::unmount(&p.target_path);
-                    }
-                    info!(dir = %dir.display(), "wiping a pod socket dir whose volume is gone");
-                    if let Err(e) = std::fs::remove_dir_all(&dir) {
-                        warn!(dir = %dir.display(), error = %e, "cannot remove stale pod socket dir");
+                }
+            }
+        }
+        // Socket dirs without a live record: a crash between mkdir and record.
+        if let Ok(rd) = std::fs::read_dir(self.pods_dir()) {
+            for e in rd.flatten() {
+                if !known.contains(&*e.file_name().to_string_lossy()) {
+                    if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                        warn!(dir = %e.path().display(), error = %err, "cannot remove stale pod socket dir");
                     }
                 }
             }

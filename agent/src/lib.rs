@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod probe;
 pub mod proto;
 pub mod proxy;
+pub mod publish;
 pub mod reap;
 pub mod recover;
 pub mod serve;

@@ -136,7 +136,7 @@ pub async fn run(args: RunArgs) -> Result<(), ServeError> {
     let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signal)?;
     let ctx = Arc::new(Ctx {
-        node_name: node_name(),
+        node_name: args.node_name.clone().unwrap_or_else(node_name),
         layout,
         pool,
         shim,
@@ -177,6 +177,9 @@ pub async fn run(args: RunArgs) -> Result<(), ServeError> {
             }
         });
     }
+    // Node extended resource, labels, annotations: a task of its own that
+    // only logs, so the API being down never holds up serving builds.
+    let _publisher = crate::publish::spawn(&ctx);
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: stopping"),
         _ = int.recv() => info!("SIGINT: stopping"),

@@ -78,6 +78,9 @@ struct Started {
 /// Runs the instance in `dir` to its end and returns the outcome to print.
 pub fn run(dir: &Path, proc_root: &Path) -> Outcome {
     let started = Instant::now();
+    // First of all, so that a SIGTERM from the agent is never lost or
+    // fatal: from here on it waits in the signalfd.
+    let sigfd = block_signals();
     // Without a spec that is this dir's own, nothing here is known to be
     // ours to remove: report and leave it all to `delete`.
     let spec = match Spec::load(dir).map_err(RunError::from).and_then(|s| match s.dir == dir {
@@ -103,9 +106,9 @@ pub fn run(dir: &Path, proc_root: &Path) -> Outcome {
     let mut status = None;
     // Kept until the daemon is gone (see Started::_sync_w).
     let mut keep = None;
-    match prepare().and_then(|sigfd| start(&spec, dir, proc_root, &mut daemon).map(|s| (sigfd, s))) {
+    match sigfd.and_then(|sigfd| start(&spec, dir, proc_root, &mut daemon).map(|s| (sigfd, s))) {
         Ok((sigfd, s)) => {
-            crate::log!(id, "daemon pid {} started: {}", s.pid, spec.daemon.display());
+            crate::log!(id, "daemon pid {} started: {} (client {})", s.pid, spec.daemon.display(), spec.client);
             let end = supervise::watch(id, &sigfd, s.pid, &s.err_r);
             out.reason = end.reason;
             out.error = end.error;
@@ -135,7 +138,7 @@ pub fn run(dir: &Path, proc_root: &Path) -> Outcome {
 /// Blocks the signals the supervisor takes through a signalfd. Blocking
 /// happens before clone, so no signal is lost in between; the child
 /// unblocks them before exec.
-fn prepare() -> Result<SignalFd, RunError> {
+fn block_signals() -> Result<SignalFd, RunError> {
     let mut mask = SigSet::empty();
     for s in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         mask.add(s);

@@ -80,7 +80,9 @@ impl ClientRun {
         self.json.pointer("/error/message").and_then(Value::as_str)
     }
     pub fn ok(&self) -> bool {
-        self.status.success() && self.json.get("error").is_none()
+        // A failed call prints `{"error": {"code", "message"}}`; a reply may
+        // carry its own string `error` field (Fork's), which is no failure.
+        self.status.success() && !self.json.get("error").is_some_and(Value::is_object)
     }
 }
 
@@ -95,10 +97,7 @@ pub fn fakeclient(socket: &Path) -> Command {
 /// Runs `cmd` to completion, capturing stdout/stderr and parsing the last
 /// stdout line as JSON.
 pub fn run_json(mut cmd: Command) -> ClientRun {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let json = stdout
@@ -107,12 +106,7 @@ pub fn run_json(mut cmd: Command) -> ClientRun {
         .find(|l| !l.trim().is_empty())
         .and_then(|l| serde_json::from_str(l).ok())
         .unwrap_or(Value::Null);
-    ClientRun {
-        status: out.status,
-        json,
-        stdout,
-        stderr,
-    }
+    ClientRun { status: out.status, json, stdout, stderr }
 }
 
 /// `fakeclient --socket <socket> <args...>`, run to completion.
@@ -171,13 +165,7 @@ pub fn parse_log_line(line: &str) -> Value {
 
 impl LogBuf {
     fn new() -> Arc<LogBuf> {
-        Arc::new(LogBuf {
-            inner: Mutex::new(LogInner {
-                lines: Vec::new(),
-                values: Vec::new(),
-            }),
-            cond: Condvar::new(),
-        })
+        Arc::new(LogBuf { inner: Mutex::new(LogInner { lines: Vec::new(), values: Vec::new() }), cond: Condvar::new() })
     }
 
     fn push(&self, line: String) {
@@ -238,15 +226,10 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn random_u64() -> u64 {
     let mut b = [0u8; 8];
-    if fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .is_ok()
-    {
+    if fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_ok() {
         return u64::from_le_bytes(b);
     }
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     t.as_nanos() as u64 ^ ((std::process::id() as u64) << 40)
 }
 
@@ -259,16 +242,8 @@ pub fn random_idmap_base(count: u32) -> u32 {
 }
 
 fn sanitize(name: &str) -> String {
-    let s: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let s: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
     s.chars().take(40).collect()
 }
 
@@ -281,6 +256,7 @@ pub struct AgentBuilder {
     shim: Option<PathBuf>,
     idmap: Option<(u32, u32)>,
     cgroup_root: PathBuf,
+    dir_args: Vec<(String, String)>,
 }
 
 impl AgentBuilder {
@@ -294,19 +270,24 @@ impl AgentBuilder {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        self.extra
-            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self.extra.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
         self
     }
     /// `--daemon-arg=<a>` (the `=` form, so values starting with `-` work).
+    /// A flag whose value is a path inside the agent's temp dir, known only
+    /// at spawn (`.dir_arg("--run-dir", "run")` gives `--run-dir <tmp>/run`).
+    pub fn dir_arg(mut self, flag: &str, rel: &str) -> Self {
+        self.dir_args.push((flag.to_string(), rel.to_string()));
+        self
+    }
+
     pub fn daemon_arg(mut self, a: &str) -> Self {
         self.extra.push(format!("--daemon-arg={a}").into());
         self
     }
     /// An environment variable for the agent (the rest is inherited).
     pub fn env(mut self, k: impl AsRef<OsStr>, v: impl AsRef<OsStr>) -> Self {
-        self.env
-            .push((k.as_ref().to_owned(), v.as_ref().to_owned()));
+        self.env.push((k.as_ref().to_owned(), v.as_ref().to_owned()));
         self
     }
     /// `--daemon` other than fakekitd.
@@ -332,19 +313,11 @@ impl AgentBuilder {
 
     /// Starts the agent without waiting for its socket (for start failures).
     pub fn spawn(self) -> Agent {
-        let tmp = tempfile::Builder::new()
-            .prefix("berth-")
-            .tempdir()
-            .expect("tempdir");
+        let tmp = tempfile::Builder::new().prefix("berth-").tempdir().expect("tempdir");
         fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).expect("chmod tempdir");
         let dir = tmp.path().canonicalize().expect("canonical tempdir");
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let cgroup_parent = format!(
-            "berth-test/{}-{}-{}",
-            sanitize(&self.name),
-            std::process::id(),
-            n
-        );
+        let cgroup_parent = format!("berth-test/{}-{}-{}", sanitize(&self.name), std::process::id(), n);
         let (idmap_base, idmap_count) = self.idmap.unwrap_or_else(|| {
             let count = DEFAULT_IDMAP_COUNT;
             (random_idmap_base(count), count)
@@ -359,10 +332,7 @@ impl AgentBuilder {
             args.push(k.into());
             args.push(v.to_owned());
         };
-        push(
-            "--listen",
-            OsStr::new(&format!("unix://{}", socket.display())),
-        );
+        push("--listen", OsStr::new(&format!("unix://{}", socket.display())));
         push("--state-dir", state_dir.as_os_str());
         push("--cgroup-parent", OsStr::new(&cgroup_parent));
         push("--idmap-base", OsStr::new(&idmap_base.to_string()));
@@ -372,6 +342,15 @@ impl AgentBuilder {
         push("--log-format", OsStr::new("json"));
         if self.cgroup_root != Path::new("/sys/fs/cgroup") {
             push("--cgroup-root", self.cgroup_root.as_os_str());
+        }
+        for (flag, rel) in &self.dir_args {
+            let v = if flag == "--csi-endpoint" || flag == "--listen" {
+                format!("unix://{}", dir.join(rel).display())
+            } else {
+                dir.join(rel).display().to_string()
+            };
+            args.push(flag.into());
+            args.push(v.into());
         }
         args.extend(self.extra);
 
@@ -445,6 +424,7 @@ impl Agent {
         AgentBuilder {
             name: name.to_string(),
             extra: Vec::new(),
+            dir_args: Vec::new(),
             env: Vec::new(),
             daemon: None,
             shim: None,
@@ -475,21 +455,12 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.exe.display()));
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", self.exe.display()));
         let pid = child.id();
         eprintln!("harness: started agent pid {pid}: {cmd:?}");
-        self.logs.capture(
-            child.stdout.take().unwrap(),
-            format!("agent[{pid}] stdout:"),
-        );
-        self.logs
-            .capture(child.stderr.take().unwrap(), format!("agent[{pid}]:"));
-        *self.proc.lock().unwrap() = Some(Proc {
-            child,
-            status: None,
-        });
+        self.logs.capture(child.stdout.take().unwrap(), format!("agent[{pid}] stdout:"));
+        self.logs.capture(child.stderr.take().unwrap(), format!("agent[{pid}]:"));
+        *self.proc.lock().unwrap() = Some(Proc { child, status: None });
     }
 
     /// The temp dir everything lives in (mode 0755, canonical path).
@@ -589,7 +560,7 @@ impl Agent {
                 self.log_tail(40)
             ));
         }
-        Ok(std::os::unix::net::UnixStream::connect(&self.socket).is_ok())
+        Ok(socket_listening(&self.socket))
     }
 
     fn not_ready(&self, timeout: Duration) -> String {
@@ -601,7 +572,8 @@ impl Agent {
         )
     }
 
-    /// Waits until the socket accepts connections; an error (with the agent's
+    /// Waits until the socket is listening (see [`socket_listening`]: no
+    /// connection is made); an error (with the agent's
     /// last output) if the agent exits first or `timeout` passes.
     pub fn wait_ready(&self, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
@@ -685,21 +657,11 @@ impl Agent {
         self.logs.wait(0, &pred, timeout)
     }
     /// Like [`wait_log`](Self::wait_log), looking only at lines from `mark` on.
-    pub fn wait_log_since(
-        &self,
-        mark: usize,
-        pred: impl Fn(&Value) -> bool,
-        timeout: Duration,
-    ) -> Option<Value> {
+    pub fn wait_log_since(&self, mark: usize, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Option<Value> {
         self.logs.wait(mark, &pred, timeout)
     }
     /// [`wait_log_since`](Self::wait_log_since) without blocking the async runtime.
-    pub async fn wait_log_async(
-        &self,
-        mark: usize,
-        pred: impl Fn(&Value) -> bool,
-        timeout: Duration,
-    ) -> Option<Value> {
+    pub async fn wait_log_async(&self, mark: usize, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Option<Value> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(v) = self.logs.find_from(mark, &pred) {
@@ -717,11 +679,11 @@ impl Agent {
     pub fn http_addr(&self, timeout: Duration) -> Option<std::net::SocketAddr> {
         let deadline = Instant::now() + timeout;
         loop {
-            let found = self.logs().iter().rev().find_map(|v| {
-                v.get("http_addr")
-                    .and_then(Value::as_str)
-                    .and_then(|a| a.parse().ok())
-            });
+            let found = self
+                .logs()
+                .iter()
+                .rev()
+                .find_map(|v| v.get("http_addr").and_then(Value::as_str).and_then(|a| a.parse().ok()));
             if found.is_some() || Instant::now() >= deadline {
                 return found;
             }
@@ -779,6 +741,25 @@ impl Agent {
     }
 }
 
+/// Whether a unix socket bound at `path` is listening, from `/proc/net/unix`
+/// (the `__SO_ACCEPTCON` flag), without connecting to it: a connection to the
+/// agent is a client, and in client scope it would start an instance that
+/// takes a build slot until its idle timeout. Falls back to a connect when
+/// `/proc/net/unix` cannot be read.
+pub fn socket_listening(path: &Path) -> bool {
+    const SO_ACCEPTCON: u32 = 0x0001_0000;
+    let Ok(text) = fs::read_to_string("/proc/net/unix") else {
+        return std::os::unix::net::UnixStream::connect(path).is_ok();
+    };
+    let want = path.to_string_lossy();
+    let suffix = format!(" {want}");
+    text.lines().skip(1).any(|l| {
+        // Num RefCount Protocol Flags Type St Inode [Path] (the path may hold spaces)
+        let flags = l.split_whitespace().nth(3).and_then(|x| u32::from_str_radix(x, 16).ok()).unwrap_or(0);
+        flags & SO_ACCEPTCON != 0 && l.ends_with(&suffix)
+    })
+}
+
 /// True for the agent's "instance ended" log line.
 pub fn is_instance_end(v: &Value) -> bool {
     v.get("message").and_then(Value::as_str) == Some("instance ended")
@@ -834,10 +815,7 @@ pub fn cgroup_parent_dirs(root: &Path, parent: &str) -> Vec<PathBuf> {
         }
     };
     if root.join("cgroup.controllers").exists() {
-        let o = own
-            .iter()
-            .find(|(c, _)| c.is_empty())
-            .map(|(_, p)| p.as_str());
+        let o = own.iter().find(|(c, _)| c.is_empty()).map(|(_, p)| p.as_str());
         add(root, o);
     } else if let Ok(rd) = fs::read_dir(root) {
         for e in rd.flatten() {
@@ -849,10 +827,7 @@ pub fn cgroup_parent_dirs(root: &Path, parent: &str) -> Vec<PathBuf> {
             let o = own.iter().find(|(c, _)| match name.as_str() {
                 "unified" => c.is_empty(),
                 n => {
-                    let mut a: Vec<&str> = c
-                        .split(',')
-                        .map(|x| x.trim_start_matches("name="))
-                        .collect();
+                    let mut a: Vec<&str> = c.split(',').map(|x| x.trim_start_matches("name=")).collect();
                     let mut b: Vec<&str> = n.split(',').collect();
                     a.sort_unstable();
                     b.sort_unstable();
@@ -892,12 +867,7 @@ fn cgroup_procs(dir: &Path) -> Vec<i32> {
 
 fn cmdline(pid: &str) -> Option<Vec<String>> {
     let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    Some(
-        raw.split(|b| *b == 0)
-            .filter(|s| !s.is_empty())
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-            .collect(),
-    )
+    Some(raw.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect())
 }
 
 /// Processes that belong to the scope: their command line names the temp
@@ -919,10 +889,7 @@ fn scope_processes(scope: &LeakScope, exclude: &[u32]) -> Vec<(u32, String)> {
             continue;
         }
         let Some(argv) = cmdline(&name) else { continue };
-        if argv
-            .first()
-            .is_some_and(|a| Path::new(a).file_name() == Some(OsStr::new("fakeclient")))
-        {
+        if argv.first().is_some_and(|a| Path::new(a).file_name() == Some(OsStr::new("fakeclient"))) {
             continue;
         }
         let joined = argv.join(" ");
@@ -932,20 +899,12 @@ fn scope_processes(scope: &LeakScope, exclude: &[u32]) -> Vec<(u32, String)> {
             proc_cgroups(&name)
                 .into_iter()
                 .find(|(_, p)| {
-                    p == &parent
-                        || p.starts_with(&format!("{parent}/"))
-                        || p.contains(&format!("{parent}/"))
+                    p == &parent || p.starts_with(&format!("{parent}/")) || p.contains(&format!("{parent}/"))
                 })
                 .map(|(c, p)| format!("in cgroup {c}:{p}"))
         };
         if let Some(why) = why {
-            out.push((
-                pid,
-                format!(
-                    "process {pid} ({}) still running: {why}",
-                    truncate(&joined, 200)
-                ),
-            ));
+            out.push((pid, format!("process {pid} ({}) still running: {why}", truncate(&joined, 200))));
         }
     }
     out
@@ -969,10 +928,7 @@ fn unescape_mount(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -1014,10 +970,7 @@ fn files_below(dir: &Path, out: &mut Vec<(PathBuf, fs::FileType)>) {
 /// under the temp dir, entries of `<state>/instances`, files under
 /// `<state>/leases`, and socket files under the state dir.
 pub fn leak_scan(scope: &LeakScope, exclude: &[u32]) -> Vec<String> {
-    let mut out: Vec<String> = scope_processes(scope, exclude)
-        .into_iter()
-        .map(|(_, s)| s)
-        .collect();
+    let mut out: Vec<String> = scope_processes(scope, exclude).into_iter().map(|(_, s)| s).collect();
 
     for parent in cgroup_parent_dirs(&scope.cgroup_root, &scope.cgroup_parent) {
         for d in subdirs_deepest_first(&parent) {
@@ -1094,9 +1047,7 @@ pub fn cleanup(scope: &LeakScope) {
                 match fs::remove_dir(&d) {
                     Ok(()) => break,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                    Err(_) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(20))
-                    }
+                    Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
                     Err(e) => {
                         eprintln!("harness: cannot remove cgroup {}: {e}", d.display());
                         break;
@@ -1138,9 +1089,7 @@ mod tests {
 
     #[test]
     fn log_lines_are_flattened() {
-        let v = parse_log_line(
-            r#"{"level":"INFO","fields":{"message":"instance ended","instance":"a1"}}"#,
-        );
+        let v = parse_log_line(r#"{"level":"INFO","fields":{"message":"instance ended","instance":"a1"}}"#);
         assert!(is_instance_end(&v));
         assert_eq!(v["instance"], "a1");
         let flat = parse_log_line(r#"{"level":"INFO","message":"x","instance":"b"}"#);
@@ -1148,14 +1097,27 @@ mod tests {
         let spanned = parse_log_line(
             r#"{"message":"instance ready","span":{"instance":"c","name":"instance"},"spans":[{"client":"uid=0","name":"outer"}]}"#,
         );
-        assert_eq!(
-            (spanned["instance"].as_str(), spanned["client"].as_str()),
-            (Some("c"), Some("uid=0"))
-        );
+        assert_eq!((spanned["instance"].as_str(), spanned["client"].as_str()), (Some("c"), Some("uid=0")));
         assert!(spanned.get("name").is_none());
         let raw = parse_log_line("panic: boom");
         assert_eq!(raw["message"], "panic: boom");
         assert_eq!(raw["raw"], true);
+    }
+
+    #[test]
+    fn socket_listening_needs_a_listener_and_does_not_connect() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().canonicalize().unwrap();
+        let l = std::os::unix::net::UnixListener::bind(dir.join("with space.sock")).unwrap();
+        l.set_nonblocking(true).unwrap();
+        assert!(socket_listening(&dir.join("with space.sock")));
+        assert!(!socket_listening(&dir.join("space.sock")));
+        // The check made no connection.
+        assert!(l.accept().is_err());
+        let _d = std::os::unix::net::UnixDatagram::bind(dir.join("dgram.sock")).unwrap();
+        assert!(!socket_listening(&dir.join("dgram.sock")));
+        drop(l);
+        assert!(!socket_listening(&dir.join("with space.sock")));
     }
 
     #[test]
@@ -1173,22 +1135,10 @@ mod tests {
         }
         std::os::unix::fs::symlink("cpu,cpuacct", t.path().join("cpu")).unwrap();
         let dirs = cgroup_parent_dirs(t.path(), "berth-test/x");
-        assert!(
-            dirs.contains(&t.path().join("memory/berth-test/x")),
-            "{dirs:?}"
-        );
-        assert!(
-            dirs.contains(&t.path().join("pids/berth-test/x")),
-            "{dirs:?}"
-        );
-        assert!(
-            dirs.contains(&t.path().join("cpu,cpuacct/berth-test/x")),
-            "{dirs:?}"
-        );
-        assert!(
-            !dirs.iter().any(|d| d.starts_with(t.path().join("cpu/"))),
-            "{dirs:?}"
-        );
+        assert!(dirs.contains(&t.path().join("memory/berth-test/x")), "{dirs:?}");
+        assert!(dirs.contains(&t.path().join("pids/berth-test/x")), "{dirs:?}");
+        assert!(dirs.contains(&t.path().join("cpu,cpuacct/berth-test/x")), "{dirs:?}");
+        assert!(!dirs.iter().any(|d| d.starts_with(t.path().join("cpu/"))), "{dirs:?}");
     }
 
     #[test]

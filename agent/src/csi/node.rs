@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use super::target::{self, Pod};
-use super::{Csi, Publication, RECORD, SOCKET};
+use super::{Csi, Publication, SOCKET};
 use crate::proto::csi_v1::{
     node_server, volume_capability, NodeGetCapabilitiesRequest, NodeGetCapabilitiesResponse,
     NodeGetInfoRequest, NodeGetInfoResponse, NodePublishVolumeRequest, NodePublishVolumeResponse,
@@ -111,19 +111,19 @@ impl node_server::Node for Node {
         }
         // CSI: the plugin removes the target it created; kubelet may too.
         let _ = std::fs::remove_dir(&target);
-        let record = live.as_ref().map(|l| l.publication.clone()).or_else(|| {
-            std::fs::read(dir.join(RECORD)).ok().and_then(|b| serde_json::from_slice::<Publication>(&b).ok())
-        });
+        let record = live.as_ref().map(|l| l.publication.clone()).or_else(|| csi.load_record(&vol));
         if let Some(l) = &live {
             l.listener.cancel();
         }
         if let Some(p) = &record {
             csi.end_instance(p).await;
         }
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Status::internal(format!("remove {}: {e}", dir.display()))),
+        for res in [std::fs::remove_dir_all(&dir), std::fs::remove_file(csi.record_of(&vol))] {
+            match res {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Status::internal(format!("cleanup of volume {vol} under {}: {e}", dir.display()))),
+            }
         }
         info!(volume = %vol, target = %target.display(), known = record.is_some(), "volume unpublished");
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
@@ -153,15 +153,19 @@ impl node_server::Node for Node {
 /// dir on the target. Undoes everything on failure.
 fn publish(csi: &Arc<Csi>, p: &Publication) -> Result<(), String> {
     let dir = csi.dir_of(&p.volume_id);
+    let record = csi.record_of(&p.volume_id);
     let undo = |e: String| {
         let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_file(&record);
         e
     };
     std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
     sys::chmod(&dir, 0o755).map_err(|e| undo(e.to_string()))?;
-    let record = serde_json::to_vec_pretty(p).expect("publication serializes");
-    std::fs::write(dir.join(RECORD), record).map_err(|e| undo(format!("write record: {e}")))?;
-    sys::chmod(&dir.join(RECORD), 0o600).map_err(|e| undo(e.to_string()))?;
+    if let Some(parent) = record.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| undo(format!("mkdir {}: {e}", parent.display())))?;
+    }
+    let bytes = serde_json::to_vec_pretty(p).expect("publication serializes");
+    std::fs::write(&record, bytes).map_err(|e| undo(format!("write {}: {e}", record.display())))?;
     let token = csi.listen(p).map_err(undo)?;
     let mounted = std::fs::create_dir_all(&p.target_path)
         .map_err(|e| format!("mkdir {}: {e}", p.target_path.display()))
