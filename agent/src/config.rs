@@ -214,6 +214,9 @@ pub struct RunArgs {
     /// An instance with no connection for this long is reaped and wiped.
     #[arg(long, env = "BERTH_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
+    /// On SIGTERM, how long running builds may go on before they are ended.
+    #[arg(long, env = "BERTH_DRAIN_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
     /// Grace between SIGTERM and SIGKILL of a daemon.
     #[arg(long, env = "BERTH_STOP_GRACE", default_value = "2s", value_parser = humantime::parse_duration)]
     pub stop_grace: Duration,

@@ -109,7 +109,10 @@ impl Csi {
         self.live.lock().expect("live").insert(p.volume_id.clone(), Live { publication: p, listener });
     }
 
-    /// Ends the pod's instance, if it has one, and waits for its wipe.
+    /// Ends the pod's instance, if it has one, and waits for its wipe. The
+    /// instance may belong to another agent on the node (the old one during
+    /// a rollout): then its shim is found from the instance files and told
+    /// to stop, and the owner records the end.
     async fn end_instance(&self, p: &Publication) {
         let key = p.client().key;
         let inst = self.ctx.registry.lock().expect("registry").get(&key).cloned();
@@ -118,6 +121,17 @@ impl Csi {
             let mut wiped = inst.wiped.subscribe();
             if tokio::time::timeout(WIPE_WAIT, crate::raised(&mut wiped)).await.is_err() {
                 warn!(instance = %inst.id, "instance not wiped within {WIPE_WAIT:?} of unpublish");
+            }
+        }
+        for dir in crate::recover::instances_of(&self.ctx, &key) {
+            let shim = berth_shim::spec::PidStamp::load(&dir.join(berth_shim::spec::SHIM_PID_FILE));
+            if let Some(stamp) = shim.filter(|s| s.alive(&self.ctx.run.host.proc_root)) {
+                info!(dir = %dir.display(), shim = stamp.pid, "stopping another agent's instance of an unpublished pod");
+                let _ = sys::signal(stamp.pid as u32, nix::sys::signal::Signal::SIGTERM);
+            }
+            let deadline = tokio::time::Instant::now() + WIPE_WAIT;
+            while dir.exists() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }

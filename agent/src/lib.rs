@@ -18,6 +18,7 @@ pub mod instance;
 pub mod listen;
 pub mod log;
 pub mod metrics;
+pub mod owner;
 pub mod probe;
 pub mod proto;
 pub mod proxy;
@@ -62,6 +63,8 @@ pub struct Ctx {
     pub slots_total: u64,
     /// Clients waiting for a slot.
     pub queued: AtomicUsize,
+    /// This agent's ownership lock; instances record its id.
+    pub owner: owner::Owner,
 }
 
 impl Ctx {

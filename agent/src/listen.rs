@@ -48,6 +48,11 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
     Ok(l)
 }
 
+/// The inode of a socket file, to tell our socket from a newer agent's.
+pub fn inode(path: &Path) -> Option<u64> {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::symlink_metadata(path).ok()?).into()
+}
+
 /// Who the connections of a listener belong to.
 #[derive(Debug, Clone)]
 pub enum Source {
@@ -60,7 +65,9 @@ pub enum Source {
 /// Accepts until the agent drains or `stop` fires. Each connection runs in
 /// its own task, so a slow or hostile client never holds up the others.
 pub async fn serve(ctx: Arc<Ctx>, listener: UnixListener, path: PathBuf, source: Source, stop: CancellationToken) {
-    let mut draining = ctx.draining.subscribe();
+    // Draining keeps accepting: running clients' new connections are still
+    // served, and new clients get a clear "draining" refusal.
+    let mut shutdown = ctx.shutdown.subscribe();
     info!(socket = %path.display(), "listening");
     loop {
         tokio::select! {
@@ -76,7 +83,7 @@ pub async fn serve(ctx: Arc<Ctx>, listener: UnixListener, path: PathBuf, source:
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             },
-            _ = crate::raised(&mut draining) => break,
+            _ = crate::raised(&mut shutdown) => break,
             _ = stop.cancelled() => break,
         }
     }

@@ -434,13 +434,22 @@ impl Publisher {
     }
 }
 
-/// A client from the kubeconfig or, in a pod, the service account (token and
-/// CA), with timeouts so a hung API server cannot stall the publisher.
+/// A client from the kubeconfig (KUBECONFIG, ~/.kube/config) or, in a pod,
+/// the service account (token and CA); see [`client_from`].
 pub async fn default_client(request_timeout: Duration) -> Result<Client, kube::Error> {
-    let mut config = kube::Config::infer().await.map_err(kube::Error::InferConfig)?;
+    let config = kube::Config::infer().await.map_err(kube::Error::InferConfig)?;
+    client_from(config, request_timeout)
+}
+
+/// A client for `config` as berth uses it: timeouts, so a hung API server
+/// cannot stall the publisher, and without kube's built-in retry of
+/// 429/503/504 (up to 15 silent retries): the publisher retries itself,
+/// with its own backoff and a log line per failure.
+pub fn client_from(mut config: kube::Config, request_timeout: Duration) -> Result<Client, kube::Error> {
     config.connect_timeout = Some(Duration::from_secs(10));
     config.read_timeout = Some(request_timeout);
     config.write_timeout = Some(request_timeout);
+    config.default_retry = false;
     Client::try_from(config)
 }
 

@@ -12,6 +12,9 @@ use std::time::Duration;
 use tokio::process::Command;
 use tracing::{error, info, warn};
 
+/// How long a lease may exist without its instance dir before it is stale.
+const LEASE_GRACE: Duration = Duration::from_secs(60);
+
 /// Runs `berth-shim delete <dir>` and returns its outcome.
 pub async fn delete(ctx: &Ctx, dir: &Path) -> Option<Outcome> {
     let out = Command::new(&ctx.shim)
@@ -44,6 +47,8 @@ pub async fn delete(ctx: &Ctx, dir: &Path) -> Option<Outcome> {
 #[derive(Debug, Default)]
 pub struct Swept {
     pub instances: usize,
+    /// Instances of live agents, left alone.
+    pub skipped: usize,
     pub leases: usize,
     pub cgroups: usize,
     pub failures: usize,
@@ -57,6 +62,12 @@ pub async fn sweep(ctx: &Ctx) -> Swept {
             let dir = entry.path();
             let id = entry.file_name().to_string_lossy().to_string();
             seen.insert(id.clone());
+            // Another live agent's instance (a rollout's old or new agent).
+            let owner = berth_shim::spec::Spec::load(&dir).map(|s| s.owner).unwrap_or_default();
+            if owner == ctx.owner.id || crate::owner::alive(&ctx.run.host.state_dir, &owner) {
+                swept.skipped += 1;
+                continue;
+            }
             match delete(ctx, &dir).await {
                 Some(o) if o.leftovers.is_empty() => {
                     info!(instance = %id, peak_memory = o.peak_memory, oom_killed = o.oom_kills > 0, "swept instance left by an earlier agent");
@@ -71,7 +82,13 @@ pub async fn sweep(ctx: &Ctx) -> Swept {
         }
     }
     for (path, id) in ctx.pool.leases() {
-        if !ctx.instances_dir().join(id.trim()).exists() {
+        // A live agent writes its lease a moment before the instance dir:
+        // only leases old enough to be past that window are stale.
+        let young = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .map(|t| t.elapsed().unwrap_or_default() < LEASE_GRACE)
+            .unwrap_or(false);
+        if !young && !ctx.instances_dir().join(id.trim()).exists() {
             match std::fs::remove_file(&path) {
                 Ok(()) => swept.leases += 1,
                 Err(e) => warn!(lease = %path.display(), error = %e, "cannot remove stale lease"),
@@ -106,12 +123,23 @@ pub async fn sweep(ctx: &Ctx) -> Swept {
             }
         }
     }
+    crate::owner::sweep_dead(&ctx.run.host.state_dir, &ctx.owner.id);
     info!(
         instances = swept.instances,
+        skipped = swept.skipped,
         leases = swept.leases,
         cgroups = swept.cgroups,
         failures = swept.failures,
         "start-up sweep done"
     );
     swept
+}
+
+/// Instance dirs on disk whose client is `key`, whoever owns them.
+pub fn instances_of(ctx: &Ctx, key: &str) -> Vec<std::path::PathBuf> {
+    let Ok(rd) = std::fs::read_dir(ctx.instances_dir()) else { return Vec::new() };
+    rd.flatten()
+        .map(|e| e.path())
+        .filter(|d| berth_shim::spec::Spec::load(d).map(|s| s.client_key == key).unwrap_or(false))
+        .collect()
 }

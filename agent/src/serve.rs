@@ -149,6 +149,8 @@ pub async fn run(args: RunArgs) -> Result<(), ServeError> {
         slots: Arc::new(tokio::sync::Semaphore::new(slots_total as usize)),
         slots_total,
         queued: std::sync::atomic::AtomicUsize::new(0),
+        owner: crate::owner::Owner::acquire(&args.host.state_dir)
+            .map_err(|e| ServeError::StateDir(format!("agent lock: {e}")))?,
         run: args,
     });
     ctx.refresh_gauges();
@@ -157,8 +159,10 @@ pub async fn run(args: RunArgs) -> Result<(), ServeError> {
     }
     recover::sweep(&ctx).await;
     let mut listeners = Vec::new();
+    let mut owned = Vec::new();
     for path in &ctx.run.listen {
         let l = listen::bind(path, ctx.run.socket_mode)?;
+        owned.extend(listen::inode(path).map(|i| (path.clone(), i)));
         listeners.push(tokio::spawn(listen::serve(
             ctx.clone(),
             l,
@@ -169,6 +173,7 @@ pub async fn run(args: RunArgs) -> Result<(), ServeError> {
     }
     if let Some(endpoint) = ctx.run.csi_endpoint.clone() {
         let l = listen::bind(&endpoint, 0o600)?;
+        owned.extend(listen::inode(&endpoint).map(|i| (endpoint.clone(), i)));
         let csi = crate::csi::Csi::new(ctx.clone());
         csi.recover();
         tokio::spawn(async move {
@@ -181,21 +186,44 @@ pub async fn run(args: RunArgs) -> Result<(), ServeError> {
     // only logs, so the API being down never holds up serving builds.
     let _publisher = crate::publish::spawn(&ctx);
     tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping"),
-        _ = int.recv() => info!("SIGINT: stopping"),
+        _ = term.recv() => info!("SIGTERM: draining"),
+        _ = int.recv() => info!("SIGINT: draining"),
     }
-    ctx.draining.send_replace(true);
+    drain(&ctx, &mut term, &mut int).await;
     ctx.shutdown.send_replace(true);
     for l in listeners {
         let _ = l.await;
     }
-    for path in &ctx.run.listen {
-        if let Err(e) = std::fs::remove_file(path) {
-            warn!(socket = %path.display(), error = %e, "cannot remove socket");
-        }
-    }
     ctx.tasks.close();
     ctx.tasks.wait().await;
+    // Remove our sockets, unless a newer agent has bound the path since.
+    for (path, ino) in &owned {
+        if listen::inode(path) == Some(*ino) {
+            if let Err(e) = std::fs::remove_file(path) {
+                warn!(socket = %path.display(), error = %e, "cannot remove socket");
+            }
+        }
+    }
     info!("all instances ended; bye");
     Ok(())
+}
+
+/// Stops taking new clients, lets running ones finish (their connections
+/// close and their idle timeout passes), and returns when none is left, when
+/// `--drain-timeout` runs out, or on a second SIGTERM/SIGINT.
+async fn drain(ctx: &Arc<Ctx>, term: &mut tokio::signal::unix::Signal, int: &mut tokio::signal::unix::Signal) {
+    ctx.draining.send_replace(true);
+    let live = ctx.registry.lock().expect("registry").len();
+    info!(instances = live, drain_timeout = ?ctx.run.drain_timeout, "draining: no new clients; running builds continue");
+    let idle = async {
+        while !ctx.tasks.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        _ = idle => info!("drained: every client is done"),
+        _ = tokio::time::sleep(ctx.run.drain_timeout) => warn!(drain_timeout = ?ctx.run.drain_timeout, "drain timeout: ending the remaining instances"),
+        _ = term.recv() => warn!("second SIGTERM: ending every instance now"),
+        _ = int.recv() => warn!("SIGINT while draining: ending every instance now"),
+    }
 }

@@ -48,6 +48,8 @@ pub async fn start(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, AdmitEr
         lease: lease.clone(),
         hostname: format!("berth-{}", inst.id),
         client: inst.client.display.clone(),
+        client_key: inst.client.key.clone(),
+        owner: ctx.owner.id.clone(),
     };
     let config = buildkitd::render(&spec, ctx.run.limits.build_cpus, ctx.run.limits.build_disk);
     if let Err(e) = lay_out(&spec, &config) {

@@ -97,6 +97,15 @@ pub struct Spec {
     pub hostname: String,
     /// Free text naming the client (peer uid/pid or pod), for logs only.
     pub client: String,
+    /// What the agent keys the instance by (peer identity or pod), so that
+    /// another agent on the node can find a client's instance from files.
+    #[serde(default)]
+    pub client_key: String,
+    /// Id of the agent that owns the instance; its lock file
+    /// `<state>/agents/<owner>.lock` is held while that agent lives, so a
+    /// sweep never touches a live agent's instances.
+    #[serde(default)]
+    pub owner: String,
 }
 
 impl Spec {
@@ -282,6 +291,8 @@ mod tests {
             lease: dir.path().join("lease"),
             hostname: "berth-abc".into(),
             client: "uid=0".into(),
+            client_key: "uid=0 gid=0".into(),
+            owner: "agent-1".into(),
         };
         spec.store().unwrap();
         assert_eq!(Spec::load(dir.path()).unwrap(), spec);

@@ -73,6 +73,8 @@ fn setup(daemon: &str, args: &[&str]) -> Inst {
         lease,
         hostname: "berth-test".into(),
         client: "test".into(),
+        client_key: "test".into(),
+        owner: "test".into(),
     };
     spec.store().unwrap();
     Inst { _tmp: tmp, dir, spec }

@@ -58,7 +58,7 @@ fn json_has_slots_and_nodes() {
     let v: serde_json::Value = serde_json::from_str(&render(&p, OutputFormat::Json)).unwrap();
     assert!(v.get("nodes").is_none());
     let text = render(&p, OutputFormat::Text);
-    assert!(text.contains("slots:     7") && text.contains("30Gi memory"), "{text}");
+    assert!(text.contains("slots:     7") && text.contains("32Gi memory") && text.contains("headroom:  2Gi"), "{text}");
 }
 
 #[test]

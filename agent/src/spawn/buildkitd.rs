@@ -61,6 +61,8 @@ mod tests {
             lease: "/l".into(),
             hostname: "h".into(),
             client: "c".into(),
+            client_key: "c".into(),
+            owner: "o".into(),
         };
         let text = render(&spec, 1500, 10 << 30);
         let t: Table = toml::from_str(&text).unwrap();

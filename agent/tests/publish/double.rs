@@ -292,9 +292,10 @@ impl Double {
         format!("http://{}", self.addr)
     }
 
-    /// A kube client for the double: plain HTTP, no credentials.
+    /// A kube client for the double (plain HTTP, no credentials), set up as the agent sets up its own.
     pub fn client(&self) -> kube::Client {
-        kube::Client::try_from(kube::Config::new(self.url().parse().unwrap())).unwrap()
+        let config = kube::Config::new(self.url().parse().unwrap());
+        berth_agent::publish::client_from(config, std::time::Duration::from_secs(5)).unwrap()
     }
 
     /// The next `times` `method` requests to `path` get `code`.
