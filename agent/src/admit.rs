@@ -118,7 +118,17 @@ fn attach(ctx: &Arc<Ctx>, client: &Client, permit: Option<OwnedSemaphorePermit>)
         // waited for goes back (dropped) to the next in the queue.
         (Some(i), _) => i,
         (None, _) if draining => return Err(AdmitError::Draining(ctx.node_name.clone())),
-        (None, None) => return Ok(None),
+        (None, None) => match crate::warm::claim(ctx, client) {
+            Some(i) => {
+                reg.insert(client.key.clone(), i.clone());
+                i.conns.send_modify(|c| *c += 1);
+                drop(reg);
+                // The replacement starts in the background.
+                crate::warm::refill(ctx);
+                return Ok(Some(i));
+            }
+            None => return Ok(None),
+        },
         (None, Some(permit)) => {
             let i = Instance::new(ctx, client, permit);
             reg.insert(client.key.clone(), i.clone());

@@ -193,6 +193,9 @@ pub struct RunArgs {
     pub limits: LimitArgs,
     #[command(flatten)]
     pub capacity: CapacityArgs,
+    /// Fresh instances kept started ahead for new clients (counted in the slots).
+    #[arg(long, env = "BERTH_WARM", default_value_t = 0)]
+    pub warm: usize,
     /// Clients beyond the slots wait in a FIFO queue of at most this many; 0: no queue.
     #[arg(long, env = "BERTH_QUEUE_SIZE", default_value_t = 16)]
     pub queue_size: usize,

@@ -23,7 +23,11 @@ pub enum Phase {
 
 pub struct Instance {
     pub id: String,
-    pub client: Client,
+    /// Who the instance serves; a warm instance gets its client at claim.
+    client: std::sync::RwLock<Client>,
+    /// Started ahead for the warm pool; `claimed` says when a client took it.
+    pub warm: bool,
+    pub claimed: watch::Sender<bool>,
     pub dir: PathBuf,
     pub phase: watch::Sender<Phase>,
     /// Active connections.
@@ -39,11 +43,25 @@ pub struct Instance {
 
 impl Instance {
     pub fn new(ctx: &Ctx, client: &Client, slot: OwnedSemaphorePermit) -> Arc<Instance> {
+        Self::build(ctx, Some(client), slot)
+    }
+
+    /// A warm instance: started ahead, with no client until one claims it.
+    pub fn new_warm(ctx: &Ctx, slot: OwnedSemaphorePermit) -> Arc<Instance> {
+        Self::build(ctx, None, slot)
+    }
+
+    fn build(ctx: &Ctx, client: Option<&Client>, slot: OwnedSemaphorePermit) -> Arc<Instance> {
         let id = crate::sys::random_id();
+        let warm = client.is_none();
+        let client =
+            client.cloned().unwrap_or_else(|| Client { key: format!("warm={id}"), display: "warm (unclaimed)".into() });
         Arc::new(Instance {
             dir: ctx.instances_dir().join(&id),
             id,
-            client: client.clone(),
+            client: std::sync::RwLock::new(client),
+            warm,
+            claimed: watch::Sender::new(!warm),
             phase: watch::Sender::new(Phase::Starting),
             conns: watch::Sender::new(0),
             created: Instant::now(),
@@ -51,6 +69,26 @@ impl Instance {
             stop: watch::Sender::new(false),
             wiped: watch::Sender::new(false),
         })
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.read().expect("client lock").clone()
+    }
+
+    /// Hands a warm instance to its client; false if it was already taken.
+    pub fn claim(&self, client: &Client) -> bool {
+        if *self.claimed.borrow() {
+            return false;
+        }
+        *self.client.write().expect("client lock") = client.clone();
+        self.claimed.send_replace(true);
+        // Let another agent find the client's instance from files too.
+        if let Ok(mut spec) = berth_shim::spec::Spec::load(&self.dir) {
+            spec.client = client.display.clone();
+            spec.client_key = client.key.clone();
+            let _ = spec.store();
+        }
+        true
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -62,7 +100,7 @@ impl Instance {
 
 /// Runs the instance's life in a tracked task.
 pub fn launch(ctx: Arc<Ctx>, inst: Arc<Instance>) {
-    let span = tracing::info_span!("instance", instance = %inst.id, client = %inst.client.display);
+    let span = tracing::info_span!(parent: None, "instance", instance = %inst.id, warm = inst.warm);
     let tracker = ctx.tasks.clone();
     tracker.spawn(life(ctx, inst).instrument(span));
 }
@@ -75,12 +113,12 @@ pub fn unregister(ctx: &Ctx, inst: &Arc<Instance>, force: bool) -> bool {
     if !force && *inst.conns.borrow() > 0 {
         return false;
     }
-    if reg
-        .get(&inst.client.key)
-        .is_some_and(|i| Arc::ptr_eq(i, inst))
-    {
-        reg.remove(&inst.client.key);
+    let key = inst.client().key;
+    if reg.get(&key).is_some_and(|i| Arc::ptr_eq(i, inst)) {
+        reg.remove(&key);
     }
+    drop(reg);
+    crate::warm::forget(ctx, inst);
     true
 }
 
@@ -94,6 +132,7 @@ async fn life(ctx: Arc<Ctx>, inst: Arc<Instance>) {
     // start while this one's state is still on disk.
     inst.slot.lock().expect("slot lock").take();
     inst.wiped.send_replace(true);
+    crate::warm::refill(&ctx);
 }
 
 async fn run_life(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> &'static str {
@@ -109,15 +148,32 @@ async fn run_life(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> &'static str {
     };
     match spawn::wait_ready(&ctx, &inst, &mut shim).await {
         Ok(()) => {
-            info!(start_ms = inst.created.elapsed().as_millis() as u64, "instance ready");
-            ctx.metrics.start_seconds.observe(inst.created.elapsed().as_secs_f64());
+            info!(start_ms = inst.created.elapsed().as_millis() as u64, client = %inst.client().display, "instance ready");
+            if !inst.warm {
+                ctx.metrics.start_seconds.observe(inst.created.elapsed().as_secs_f64());
+            }
             inst.phase.send_replace(Phase::Ready);
         }
         Err((e, outcome)) => {
             unregister(&ctx, &inst, true);
             inst.phase.send_replace(Phase::Failed(e.clone()));
+            if inst.warm {
+                crate::warm::failed(&ctx);
+            }
             return reap::record(&ctx, &inst, EndCause::StartFailed(e.to_string()), outcome.as_ref());
         }
+    }
+    // A warm instance waits for its client; the pool's leftovers end when
+    // the agent starts draining.
+    let unclaimed_end = match crate::warm::wait_claim(&ctx, &inst, &mut shim).await {
+        crate::warm::Wait::Claimed => None,
+        crate::warm::Wait::Drained => Some(EndCause::Drain),
+        crate::warm::Wait::Died => Some(EndCause::DaemonExited),
+    };
+    if let Some(cause) = unclaimed_end {
+        inst.phase.send_replace(Phase::Ended);
+        let outcome = shim.stop(&ctx).await;
+        return reap::record(&ctx, &inst, cause, outcome.as_ref());
     }
     let scope_idle = match ctx.run.scope {
         Scope::Client => ctx.run.idle_timeout,

@@ -29,6 +29,7 @@ pub mod serve;
 pub mod spawn;
 pub mod status;
 pub mod sys;
+pub mod warm;
 
 use berth_shim::cgroup::Layout;
 use config::RunArgs;
@@ -63,6 +64,10 @@ pub struct Ctx {
     pub slots_total: u64,
     /// Clients waiting for a slot.
     pub queued: AtomicUsize,
+    /// Warm instances not yet claimed, oldest first.
+    pub warm: Mutex<std::collections::VecDeque<Arc<Instance>>>,
+    /// Until when the warm pool rests after a failed start.
+    pub warm_backoff: Mutex<Option<std::time::Instant>>,
     /// This agent's ownership lock; instances record its id.
     pub owner: owner::Owner,
 }

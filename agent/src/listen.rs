@@ -97,7 +97,7 @@ async fn handle(ctx: Arc<Ctx>, stream: UnixStream, source: Source) {
         Source::Node => identify(&ctx, &stream),
         Source::Pod(c) => c,
     };
-    let span = tracing::info_span!("conn", client = %client.display);
+    let span = tracing::info_span!(parent: None, "conn", client = %client.display);
     async move {
         match admit(&ctx, &client, &stream).await {
             Ok(guard) => {

@@ -191,7 +191,7 @@ pub fn record(ctx: &Ctx, inst: &Instance, cause: EndCause, outcome: Option<&Outc
     let leftovers = outcome.map(|o| o.leftovers.join("; ")).unwrap_or_default();
     info!(
         instance = %inst.id,
-        client = %inst.client.display,
+        client = %inst.client().display,
         reason,
         duration_ms = inst.created.elapsed().as_millis() as u64,
         peak_memory = outcome.and_then(|o| o.peak_memory),

@@ -149,6 +149,8 @@ pub async fn run(args: RunArgs) -> Result<(), ServeError> {
         slots: Arc::new(tokio::sync::Semaphore::new(slots_total as usize)),
         slots_total,
         queued: std::sync::atomic::AtomicUsize::new(0),
+        warm: Mutex::new(Default::default()),
+        warm_backoff: Mutex::new(None),
         owner: crate::owner::Owner::acquire(&args.host.state_dir)
             .map_err(|e| ServeError::StateDir(format!("agent lock: {e}")))?,
         run: args,
@@ -158,6 +160,7 @@ pub async fn run(args: RunArgs) -> Result<(), ServeError> {
         tokio::spawn(crate::http::serve(ctx.clone(), l));
     }
     recover::sweep(&ctx).await;
+    crate::warm::refill(&ctx);
     let mut listeners = Vec::new();
     let mut owned = Vec::new();
     for path in &ctx.run.listen {

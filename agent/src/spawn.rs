@@ -47,8 +47,8 @@ pub async fn start(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, AdmitEr
         stop_grace_ms: ctx.run.stop_grace.as_millis() as u64,
         lease: lease.clone(),
         hostname: format!("berth-{}", inst.id),
-        client: inst.client.display.clone(),
-        client_key: inst.client.key.clone(),
+        client: inst.client().display,
+        client_key: inst.client().key,
         owner: ctx.owner.id.clone(),
     };
     let config = buildkitd::render(&spec, ctx.run.limits.build_cpus, ctx.run.limits.build_disk);
@@ -180,7 +180,7 @@ pub async fn wait_ready(
                     None => "the shim died without a report".to_string(),
                 };
                 let tail = outcome.as_ref().map(|o| o.stderr_tail.clone()).unwrap_or_default();
-                let e = AdmitError::StartFailed { id: inst.id.clone(), client: inst.client.display.clone(), reason, tail };
+                let e = AdmitError::StartFailed { id: inst.id.clone(), client: inst.client().display, reason, tail };
                 return Err((e, outcome));
             }
             _ = tokio::time::sleep(backoff) => {}

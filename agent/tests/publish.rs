@@ -219,7 +219,13 @@ async fn unavailable_api_is_retried_with_backoff_until_it_succeeds() {
     assert_eq!((end.failures, end.status_patches, end.metadata_patches), (3, 1, 1));
     // Backoff 10 ms, then 20 ms (jittered to at least half): the retries waited.
     assert!(started.elapsed() >= Duration::from_millis(15), "{:?}", started.elapsed());
-    assert!(logs.contains("Kubernetes API unavailable; retrying") && logs.contains("code=503"), "{logs}");
+    // One WARN line per transient failure, saying it is retried and when.
+    let lines = |code: &str| logs.lines().filter(|l| l.contains(code)).map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(lines("code=503").len(), 2, "{logs}");
+    assert_eq!(lines("code=429").len(), 1, "{logs}");
+    for l in lines("code=503").iter().chain(&lines("code=429")) {
+        assert!(l.contains("WARN") && l.contains("Kubernetes API unavailable; retrying") && l.contains("retry_in="), "{l}");
+    }
     assert!(logs.contains("Kubernetes API reachable again"), "{logs}");
 }
 
