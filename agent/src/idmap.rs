@@ -18,7 +18,7 @@ pub enum IdmapError {
     Count(u32),
     #[error("--idmap-base {base} + --idmap-count {count} overflows the 32-bit id space")]
     Overflow { base: u32, count: u32 },
-    #[error("--idmap-base {base} overlaps host ids: {what} uses id {id}; pick a base above it")]
+    #[error("--idmap-base {base} puts a host id in the pool: {what} uses id {id}; move the pool clear of it")]
     HostIds { base: u32, what: String, id: u32 },
     #[error(
         "all {0} id ranges of the pool are leased; raise --idmap-count or lower the concurrency"
@@ -47,9 +47,9 @@ impl IdPool {
         if base.checked_add(count - 1).is_none() {
             return Err(IdmapError::Overflow { base, count });
         }
-        if let Some((what, id)) =
-            highest_host_id(etc).filter(|(_, id)| *id >= base && *id < base + (count - 1))
-        {
+        let end = base as u64 + count as u64;
+        let clash = host_ids(etc).into_iter().find(|(_, id)| (*id as u64) >= base as u64 && (*id as u64) < end);
+        if let Some((what, id)) = clash {
             return Err(IdmapError::HostIds { base, what, id });
         }
         fs::create_dir_all(&leases).map_err(|source| IdmapError::Io {
@@ -114,27 +114,22 @@ impl IdPool {
     }
 }
 
-/// The highest uid or gid named in the host's passwd and group files,
-/// ignoring `nobody` (65534), which is conventionally below any pool.
-fn highest_host_id(etc: &Path) -> Option<(String, u32)> {
-    let mut best: Option<(String, u32)> = None;
+/// Every uid and gid named in the host's passwd and group files, except
+/// `nobody` (65534), which is conventionally below any pool.
+fn host_ids(etc: &Path) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
     for file in ["passwd", "group"] {
         let path = etc.join(file);
-        let Ok(text) = fs::read_to_string(&path) else {
-            continue;
-        };
+        let Ok(text) = fs::read_to_string(&path) else { continue };
         for line in text.lines() {
             let mut f = line.split(':');
             let name = f.next().unwrap_or("");
-            let id = f.nth(1).and_then(|s| s.parse::<u32>().ok());
-            if let Some(id) = id.filter(|id| *id != 65534) {
-                if best.as_ref().map(|(_, b)| id > *b).unwrap_or(true) {
-                    best = Some((format!("{} entry {name:?}", path.display()), id));
-                }
+            if let Some(id) = f.nth(1).and_then(|s| s.parse::<u32>().ok()).filter(|id| *id != 65534) {
+                out.push((format!("{} entry {name:?}", path.display()), id));
             }
         }
     }
-    best
+    out
 }
 
 #[cfg(test)]
@@ -181,5 +176,11 @@ mod tests {
             .to_string();
         assert!(err.contains("200000") && err.contains("big"), "{err}");
         assert!(pool(t.path(), 300_000, 65536).is_ok());
+        // Root inside the pool is caught even when a higher id exists.
+        let err = pool(t.path(), 0, 65536).err().unwrap().to_string();
+        assert!(err.contains("root"), "{err}");
+        // The last id of the pool counts too.
+        let err = pool(t.path(), 200_000 - 65535, 65536).err().unwrap().to_string();
+        assert!(err.contains("200000"), "{err}");
     }
 }

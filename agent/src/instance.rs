@@ -35,6 +35,8 @@ pub struct Instance {
     pub created: Instant,
     /// Set to end the instance now (its pod's volume was unpublished).
     pub stop: watch::Sender<bool>,
+    /// Why the instance ended, for clients still connected (see proxy).
+    pub end_note: watch::Sender<Option<String>>,
     /// Set once the instance is wiped and its slot is free.
     pub wiped: watch::Sender<bool>,
     /// The build slot, held from spawn until the wipe is done.
@@ -68,6 +70,7 @@ impl Instance {
             slot: std::sync::Mutex::new(Some(slot)),
             stop: watch::Sender::new(false),
             wiped: watch::Sender::new(false),
+            end_note: watch::Sender::new(None),
         })
     }
 
@@ -89,6 +92,13 @@ impl Instance {
             let _ = spec.store();
         }
         true
+    }
+
+    /// Waits (bounded) for the reason the instance ended, if it is ending.
+    pub async fn wait_end_note(&self, timeout: std::time::Duration) -> Option<String> {
+        let mut rx = self.end_note.subscribe();
+        let got = tokio::time::timeout(timeout, rx.wait_for(|n| n.is_some())).await;
+        got.ok().and_then(|r| r.ok().and_then(|n| n.clone()))
     }
 
     pub fn socket(&self) -> PathBuf {

@@ -12,6 +12,7 @@ pub mod capacity;
 pub mod check;
 pub mod config;
 pub mod csi;
+pub mod hints;
 pub mod http;
 pub mod idmap;
 pub mod instance;

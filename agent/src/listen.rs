@@ -103,7 +103,7 @@ async fn handle(ctx: Arc<Ctx>, stream: UnixStream, source: Source) {
             Ok(guard) => {
                 let inst = guard.instance.clone();
                 let span = tracing::info_span!("proxy", instance = %inst.id);
-                match proxy::pipe(stream, &inst.socket()).instrument(span).await {
+                match proxy::pipe(stream, &inst).instrument(span).await {
                     Ok((up, down)) => {
                         ctx.metrics.proxied(up, down);
                         debug!(instance = %inst.id, up, down, "connection closed")

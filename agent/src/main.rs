@@ -15,7 +15,7 @@ fn main() {
         Command::Run(args) => match run(*args) {
             Ok(()) => 0,
             Err(e) => {
-                eprintln!("berth-agent: {e:#}");
+                eprintln!("berth-agent: {e}");
                 1
             }
         },

@@ -1,17 +1,196 @@
 //! The proxy: the client's bytes go to the instance socket and back,
 //! unparsed, until either side closes.
+//!
+//! One thing is added, never changed: when the instance dies under a client
+//! that is still connected (OOM kill, pids limit, crash), the client would
+//! only see "transport error". So the daemon-to-client direction tracks
+//! HTTP/2 frame boundaries (9-byte headers, no parsing of payloads), and if
+//! the daemon's side ends at a boundary the proxy appends one GOAWAY frame
+//! whose debug data says why, then closes. gRPC clients (grpc-go in buildx
+//! and buildctl, h2 in Rust) put that debug data into the error they show.
 #![forbid(unsafe_code)]
 
+use crate::instance::Instance;
 use std::io;
-use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 /// Buffer per direction. Larger than tokio's 8 KiB default: layer blobs move
 /// in big writes and fewer syscalls matter for the throughput goal.
 const BUF: usize = 256 * 1024;
+/// How long a dead instance's reason may take to arrive (the shim reports
+/// after its wipe).
+const NOTE_WAIT: Duration = Duration::from_secs(3);
+/// HTTP/2 frame types and the INTERNAL_ERROR code (RFC 9113).
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const INTERNAL_ERROR: u32 = 0x2;
 
-/// Pipes `client` to the daemon at `socket`; returns bytes (up, down).
-pub async fn pipe(mut client: UnixStream, socket: &Path) -> io::Result<(u64, u64)> {
-    let mut upstream = UnixStream::connect(socket).await?;
-    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, BUF, BUF).await
+/// Pipes `client` to the instance's daemon; returns bytes (up, down).
+pub async fn pipe(client: UnixStream, inst: &Instance) -> io::Result<(u64, u64)> {
+    let upstream = UnixStream::connect(inst.socket()).await?;
+    let (mut cr, mut cw) = client.into_split();
+    let (mut ur, mut uw) = upstream.into_split();
+    let client_eof = AtomicBool::new(false);
+    let up = async {
+        let (n, eof) = copy(&mut cr, &mut uw, |_| {}).await;
+        client_eof.store(eof, Ordering::SeqCst);
+        let _ = uw.shutdown().await;
+        n
+    };
+    let down = async {
+        let mut frames = Frames::default();
+        let (n, _) = copy(&mut ur, &mut cw, |b| frames.feed(b)).await;
+        // The daemon's side ended while the client still talks: tell why.
+        if !client_eof.load(Ordering::SeqCst) && frames.at_boundary() && frames.is_h2() {
+            match inst.wait_end_note(NOTE_WAIT).await {
+                Some(note) => {
+                    tracing::debug!(instance = %inst.id, "telling the client why its instance ended");
+                    let _ = cw.write_all(&goaway(&note)).await;
+                }
+                None => tracing::debug!(instance = %inst.id, "daemon closed a connection; no end note"),
+            }
+        }
+        let _ = cw.shutdown().await;
+        n
+    };
+    let (up, down) = tokio::join!(up, down);
+    Ok((up, down))
+}
+
+/// Copies until EOF or an error on either side; returns the bytes moved and
+/// whether the reader reached a clean EOF (rather than the writer failing).
+async fn copy<R, W>(r: &mut R, w: &mut W, mut seen: impl FnMut(&[u8])) -> (u64, bool)
+where
+    R: AsyncReadExt + Unpin,
+    W: AsyncWriteExt + Unpin,
+{
+    let mut buf = vec![0u8; BUF];
+    let mut total = 0;
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) => return (total, true),
+            Err(_) => return (total, false),
+            Ok(n) => n,
+        };
+        seen(&buf[..n]);
+        if w.write_all(&buf[..n]).await.is_err() {
+            return (total, false);
+        }
+        total += n as u64;
+    }
+}
+
+/// Tracks HTTP/2 frame boundaries in a byte stream without keeping data.
+#[derive(Debug, Default)]
+struct Frames {
+    header: [u8; 9],
+    have: usize,
+    /// Payload bytes left in the current frame.
+    left: usize,
+    first_type: Option<u8>,
+    broken: bool,
+}
+
+impl Frames {
+    fn feed(&mut self, mut b: &[u8]) {
+        while !b.is_empty() && !self.broken {
+            if self.left > 0 {
+                let n = self.left.min(b.len());
+                self.left -= n;
+                b = &b[n..];
+                continue;
+            }
+            let n = (9 - self.have).min(b.len());
+            self.header[self.have..self.have + n].copy_from_slice(&b[..n]);
+            self.have += n;
+            b = &b[n..];
+            if self.have == 9 {
+                self.left = u32::from_be_bytes([0, self.header[0], self.header[1], self.header[2]]) as usize;
+                let kind = self.header[3];
+                if self.first_type.is_none() {
+                    self.first_type = Some(kind);
+                    // A server's first frame is SETTINGS; anything else is
+                    // not HTTP/2 and gets no frame from us.
+                    self.broken = kind != SETTINGS;
+                }
+                self.have = 0;
+            }
+        }
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.have == 0 && self.left == 0 && !self.broken
+    }
+
+    fn is_h2(&self) -> bool {
+        self.first_type == Some(SETTINGS) && !self.broken
+    }
+}
+
+/// A GOAWAY frame on stream 0. Last-stream-id is the maximum, so clients
+/// treat their calls as processed (no transparent retry onto a fresh
+/// instance) and fail them with our debug data.
+fn goaway(note: &str) -> Vec<u8> {
+    let debug: &[u8] = &note.as_bytes()[..note.len().min(4000)];
+    let len = 8 + debug.len();
+    let mut f = Vec::with_capacity(9 + len);
+    f.extend_from_slice(&(len as u32).to_be_bytes()[1..]);
+    f.push(GOAWAY);
+    f.push(0);
+    f.extend_from_slice(&0u32.to_be_bytes());
+    f.extend_from_slice(&0x7fff_ffffu32.to_be_bytes());
+    f.extend_from_slice(&INTERNAL_ERROR.to_be_bytes());
+    f.extend_from_slice(debug);
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, payload: usize) -> Vec<u8> {
+        let mut f = (payload as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, 0, 0, 0, 0, 1]);
+        f.extend(std::iter::repeat_n(0xAB, payload));
+        f
+    }
+
+    #[test]
+    fn boundaries_survive_any_split() {
+        let stream: Vec<u8> = [frame(SETTINGS, 6), frame(0x0, 300), frame(0x1, 17)].concat();
+        for cut in 0..stream.len() {
+            let mut f = Frames::default();
+            f.feed(&stream[..cut]);
+            f.feed(&stream[cut..]);
+            assert!(f.at_boundary() && f.is_h2(), "cut at {cut}");
+        }
+        let mut f = Frames::default();
+        f.feed(&stream[..stream.len() - 1]);
+        assert!(!f.at_boundary(), "a frame cut short is no boundary");
+    }
+
+    #[test]
+    fn non_h2_streams_get_nothing() {
+        let mut f = Frames::default();
+        f.feed(b"HTTP/1.1 200 OK\r\n\r\n");
+        assert!(!f.is_h2() && !f.at_boundary());
+    }
+
+    #[test]
+    fn goaway_frame_layout() {
+        let g = goaway("berth: OOM");
+        assert_eq!(&g[..3], &[0, 0, 18]);
+        assert_eq!(g[3], GOAWAY);
+        assert_eq!(&g[5..9], &[0, 0, 0, 0]);
+        assert_eq!(&g[9..13], &[0x7f, 0xff, 0xff, 0xff]);
+        assert_eq!(&g[13..17], &[0, 0, 0, 2]);
+        assert_eq!(&g[17..], b"berth: OOM");
+        let mut f = Frames::default();
+        f.feed(&frame(SETTINGS, 0));
+        f.feed(&g);
+        assert!(f.at_boundary());
+    }
 }

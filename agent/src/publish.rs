@@ -472,9 +472,13 @@ pub fn spawn(ctx: &Arc<Ctx>) -> Option<Handle> {
         }
     };
     let (tx, rx) = watch::channel(ctx.slots_total);
+    // Builds in use: slots held, less the unclaimed warm instances holding one.
     let in_use = {
         let ctx = ctx.clone();
-        move || ctx.slots_in_use()
+        move || {
+            let warm = ctx.warm.lock().map(|w| w.len() as u64).unwrap_or(0);
+            ctx.slots_in_use().saturating_sub(warm)
+        }
     };
     let mut shutdown = ctx.shutdown.subscribe();
     let task = tokio::spawn(async move {

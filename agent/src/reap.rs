@@ -206,6 +206,22 @@ pub fn record(ctx: &Ctx, inst: &Instance, cause: EndCause, outcome: Option<&Outc
     if !leftovers.is_empty() {
         error!(instance = %inst.id, leftovers, "instance left something behind");
     }
+    let limits = &ctx.run.limits;
+    let why = match reason {
+        "oom" => Some(format!(
+            "its build hit the memory limit of {} and was OOM-killed",
+            crate::config::quantity::format_bytes(limits.build_memory)
+        )),
+        "pids" => Some(format!("its build hit the limit of {} processes and threads", limits.build_pids)),
+        "daemon_exit" => Some(outcome.map(crate::spawn::describe_exit).unwrap_or_else(|| "the daemon died".into())),
+        "drain" => Some(format!("node {} is shutting down (drain timeout reached)", ctx.node_name)),
+        "unpublished" => Some("the pod's berth volume was unpublished".into()),
+        _ => None,
+    };
+    if let Some(why) = why {
+        let tail = outcome.map(|o| crate::hints::for_stderr(&o.stderr_tail)).unwrap_or_default();
+        inst.end_note.send_replace(Some(format!("berth: instance {} ended: {why}{tail}", inst.id)));
+    }
     if let Some(peak) = outcome.and_then(|o| o.peak_memory) {
         ctx.metrics.peak_memory_bytes.observe(peak as f64);
     }

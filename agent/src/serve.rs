@@ -16,18 +16,18 @@ use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("daemon {0:?} not found on PATH: install buildkitd (moby/buildkit, rootless build) or pass --daemon /path/to/buildkitd; to try berth without it, use --daemon target/debug/fakekitd (see README)")]
+    #[error("daemon {0:?} not found (or not a file): install buildkitd (moby/buildkit, rootless build) or pass --daemon /path/to/buildkitd; to try berth without it, use --daemon target/debug/fakekitd (see README)")]
     NoDaemon(PathBuf),
     #[error("berth-shim not found beside {0} nor on PATH; pass --shim /path/to/berth-shim")]
     NoShim(PathBuf),
     #[error("state dir: {0}")]
     StateDir(String),
     #[error("cgroups: {0}")]
-    Cgroup(#[from] CgroupError),
+    Cgroup(#[source] CgroupError),
     #[error("id-map pool: {0}")]
-    Idmap(#[from] IdmapError),
+    Idmap(#[source] IdmapError),
     #[error("listen: {0}")]
-    Listen(#[from] listen::ListenError),
+    Listen(#[source] listen::ListenError),
     #[error("--http-addr {0}: {1}")]
     Http(std::net::SocketAddr, std::io::Error),
     #[error("signals: {0}")]
@@ -95,13 +95,15 @@ pub async fn run(args: RunArgs) -> Result<(), ServeError> {
         &args.host.cgroup_root,
         &args.host.proc_root,
         args.host.cgroup_parent.as_deref(),
-    )?;
+    )
+    .map_err(ServeError::Cgroup)?;
     let pool = IdPool::new(
         args.host.idmap_base,
         args.host.idmap_count,
         args.host.state_dir.join("leases"),
         &args.host.etc_root,
-    )?;
+    )
+    .map_err(ServeError::Idmap)?;
     info!(
         version = env!("CARGO_PKG_VERSION"),
         daemon = %daemon.display(),
@@ -164,7 +166,7 @@ pub async fn run(args: RunArgs) -> Result<(), ServeError> {
     let mut listeners = Vec::new();
     let mut owned = Vec::new();
     for path in &ctx.run.listen {
-        let l = listen::bind(path, ctx.run.socket_mode)?;
+        let l = listen::bind(path, ctx.run.socket_mode).map_err(ServeError::Listen)?;
         owned.extend(listen::inode(path).map(|i| (path.clone(), i)));
         listeners.push(tokio::spawn(listen::serve(
             ctx.clone(),
@@ -175,7 +177,7 @@ pub async fn run(args: RunArgs) -> Result<(), ServeError> {
         )));
     }
     if let Some(endpoint) = ctx.run.csi_endpoint.clone() {
-        let l = listen::bind(&endpoint, 0o600)?;
+        let l = listen::bind(&endpoint, 0o600).map_err(ServeError::Listen)?;
         owned.extend(listen::inode(&endpoint).map(|i| (endpoint.clone(), i)));
         let csi = crate::csi::Csi::new(ctx.clone());
         csi.recover();

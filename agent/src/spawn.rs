@@ -162,7 +162,7 @@ pub async fn wait_ready(
             let outcome = shim.stop(ctx).await;
             let tail = outcome
                 .as_ref()
-                .map(|o| o.stderr_tail.clone())
+                .map(|o| with_hint(&o.stderr_tail))
                 .unwrap_or_default();
             return Err((
                 AdmitError::NotReady {
@@ -179,7 +179,7 @@ pub async fn wait_ready(
                     Some(o) => describe_exit(o),
                     None => "the shim died without a report".to_string(),
                 };
-                let tail = outcome.as_ref().map(|o| o.stderr_tail.clone()).unwrap_or_default();
+                let tail = outcome.as_ref().map(|o| with_hint(&o.stderr_tail)).unwrap_or_default();
                 let e = AdmitError::StartFailed { id: inst.id.clone(), client: inst.client().display, reason, tail };
                 return Err((e, outcome));
             }
@@ -188,6 +188,11 @@ pub async fn wait_ready(
         backoff = (backoff * 2).min(Duration::from_millis(50));
         debug!(socket = %socket.display(), "waiting for the daemon");
     }
+}
+
+/// The stderr tail with a plain-words hint appended when one matches.
+fn with_hint(tail: &str) -> String {
+    format!("{}{}", tail.trim_end(), crate::hints::for_stderr(tail))
 }
 
 /// "daemon exited with status 1" / "killed by signal 9 (OOM)" etc.

@@ -370,3 +370,151 @@ async fn capacity_cluster_command_reads_the_kubeconfig() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("list on nodes"), "{stderr}");
 }
+
+/// `berth-agent run` as a child process, its stderr collected.
+struct Agent {
+    child: tokio::process::Child,
+    stderr: Arc<Mutex<String>>,
+    cgroup_parent: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    fn start(api: &Double, name: &str, node_name: Option<&str>, extra: &[&str]) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = api.kubeconfig(dir.path());
+        let cgroup_parent = format!("berth-test/{name}-{}", std::process::id());
+        // A per-process id range, far from what other tests pick.
+        let idmap_base = (256 + (std::process::id() % 4096) * 4) * 65536;
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_berth-agent"));
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("BERTH_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env_remove("NODE_NAME");
+        if let Some(n) = node_name {
+            cmd.env("NODE_NAME", n);
+        }
+        cmd.arg("run")
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg(format!("--listen=unix://{}", dir.path().join("s.sock").display()))
+            .args(["--http-addr", "off", "--daemon", "/bin/true", "--shim", "/bin/true", "--log-format", "json"])
+            .args(["--cgroup-parent", &cgroup_parent, "--idmap-base", &idmap_base.to_string(), "--idmap-count", "262144"])
+            .args(extra)
+            .env("KUBECONFIG", &kubeconfig)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Agent { child, stderr, cgroup_parent, _dir: dir }
+    }
+
+    fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    async fn until(&self, what: &str, mut pred: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !pred() {
+            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}; agent log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, and the agent exits 0.
+    async fn stop(mut self) -> String {
+        let pid = nix::unistd::Pid::from_raw(self.child.id().unwrap() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await.expect("agent exits").unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let log = self.log();
+        assert!(status.success(), "agent exit {status}; log:\n{log}");
+        log
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        // The (empty) cgroup parent the agent made, in every hierarchy.
+        if let Ok(dirs) = std::fs::read_dir("/sys/fs/cgroup") {
+            for d in dirs.flatten() {
+                let _ = std::fs::remove_dir(d.path().join(&self.cgroup_parent));
+            }
+        }
+        let _ = std::fs::remove_dir(std::path::Path::new("/sys/fs/cgroup").join(&self.cgroup_parent));
+    }
+}
+
+fn can_run_agent() -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: `berth-agent run` needs root (cgroups, id maps)");
+        return false;
+    }
+    true
+}
+
+/// The wiring in `run`: with NODE_NAME set, the agent publishes its slots
+/// once it serves, and keeps serving; SIGTERM still ends it cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_run_publishes_its_slots_when_node_name_is_set() {
+    if !can_run_agent() {
+        return;
+    }
+    let api = Double::start(vec![node("node-a", "amd64", None, None)]).await;
+    let agent = Agent::start(&api, "publish-on", Some("node-a"), &["--max-builds", "3"]);
+    agent.until("the status and metadata patches", || !api.seen_at("PATCH", STATUS).is_empty() && !api.seen_at("PATCH", META).is_empty()).await;
+    let status = api.seen_at("PATCH", STATUS);
+    assert_eq!(
+        status[0].json(),
+        json!([
+            {"op": "add", "path": "/status/capacity/berth.dev~1build", "value": "3"},
+            {"op": "add", "path": "/status/allocatable/berth.dev~1build", "value": "3"},
+        ])
+    );
+    assert_eq!(status[0].content_type.as_deref(), Some("application/json-patch+json"));
+    let node = api.node("node-a");
+    assert_eq!(node.status.unwrap().capacity.unwrap()[RESOURCE].0, "3");
+    let meta = node.metadata;
+    assert_eq!(meta.labels.unwrap()["berth.dev/arch"], go_arch());
+    assert_eq!(meta.annotations.unwrap()["berth.dev/builds-in-use"], "0");
+    let log = agent.stop().await;
+    assert!(log.contains("published build slots"), "{log}");
+}
+
+/// Without a node name nothing is published, with one log line saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_run_without_node_name_does_not_publish() {
+    if !can_run_agent() {
+        return;
+    }
+    let api = Double::start(vec![node("node-a", "amd64", None, None)]).await;
+    let agent = Agent::start(&api, "publish-off", None, &[]);
+    agent.until("the reason line", || agent.log().contains("not publishing node capacity")).await;
+    let log = agent.stop().await;
+    assert_eq!(log.matches("not publishing node capacity").count(), 1, "{log}");
+    assert!(log.contains("NODE_NAME"), "{log}");
+    assert!(api.seen().is_empty(), "{:#?}", api.seen());
+
+    // --publish-capacity=false wins over NODE_NAME.
+    let agent = Agent::start(&api, "publish-false", Some("node-a"), &["--publish-capacity=false"]);
+    agent.until("the reason line", || agent.log().contains("not publishing node capacity")).await;
+    agent.stop().await;
+    assert!(api.seen().is_empty(), "{:#?}", api.seen());
+}

@@ -19,10 +19,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "fakeclient",
-    about = "Call one fakekitd RPC over a unix socket; prints JSON"
-)]
+#[command(name = "fakeclient", about = "Call one fakekitd RPC over a unix socket; prints JSON")]
 struct Cli {
     /// The unix socket (fakekitd's, or berth's node socket).
     #[arg(long)]
@@ -105,8 +102,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
         "Gi" | "GiB" => 1 << 30,
         _ => return Err(format!("invalid size unit in {s:?}")),
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?} too large"))
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} too large"))
 }
 
 /// A failed call: what to print under "error", plus extra top-level fields.
@@ -118,18 +114,18 @@ struct Failure {
 
 impl From<tonic::Status> for Failure {
     fn from(s: tonic::Status) -> Self {
-        Failure {
-            code: code_name(s.code()),
-            message: s.message().to_string(),
-            extra: json!({}),
+        // The message plus its source chain: transport errors carry the
+        // server's GOAWAY debug data (berth's reason an instance ended) there.
+        let mut message = s.message().to_string();
+        if let Some(src) = std::error::Error::source(&s) {
+            message = format!("{message}: {}", error_chain(src));
         }
+        Failure { code: code_name(s.code()), message, extra: json!({}) }
     }
 }
 
 fn fake(ch: Channel) -> FakeClient<Channel> {
-    FakeClient::new(ch)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE)
+    FakeClient::new(ch).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -154,29 +150,19 @@ async fn call(cmd: Cmd, ch: Channel) -> Result<Value, Failure> {
         Cmd::Health => {
             use tonic_health::pb::health_check_response::ServingStatus;
             let r = tonic_health::pb::health_client::HealthClient::new(ch)
-                .check(tonic_health::pb::HealthCheckRequest {
-                    service: String::new(),
-                })
+                .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
                 .await?
                 .into_inner();
-            let name = ServingStatus::try_from(r.status)
-                .map(|s| s.as_str_name())
-                .unwrap_or("UNKNOWN");
+            let name = ServingStatus::try_from(r.status).map(|s| s.as_str_name()).unwrap_or("UNKNOWN");
             json!({"status": name})
         }
         Cmd::Info => {
-            let r = ControlClient::new(ch)
-                .info(InfoRequest {})
-                .await?
-                .into_inner();
+            let r = ControlClient::new(ch).info(InfoRequest {}).await?.into_inner();
             let v = r.buildkit_version.unwrap_or_default();
             json!({"buildkit_version": {"package": v.package, "version": v.version, "revision": v.revision}})
         }
         Cmd::Workers => {
-            let r = ControlClient::new(ch)
-                .list_workers(ListWorkersRequest { filter: vec![] })
-                .await?
-                .into_inner();
+            let r = ControlClient::new(ch).list_workers(ListWorkersRequest { filter: vec![] }).await?.into_inner();
             let workers: Vec<Value> = r
                 .record
                 .into_iter()
@@ -191,26 +177,12 @@ async fn call(cmd: Cmd, ch: Channel) -> Result<Value, Failure> {
                 .collect();
             json!({"workers": workers})
         }
-        Cmd::WriteFiles {
-            count,
-            size,
-            subdir,
-        } => {
-            let r = fake(ch)
-                .write_files(WriteFilesRequest {
-                    count,
-                    size_bytes: size,
-                    subdir,
-                })
-                .await?
-                .into_inner();
+        Cmd::WriteFiles { count, size, subdir } => {
+            let r = fake(ch).write_files(WriteFilesRequest { count, size_bytes: size, subdir }).await?.into_inner();
             json!({"bytes_written": r.bytes_written, "files_written": r.files_written, "dir": r.dir})
         }
         Cmd::Symlink { target, link_name } => {
-            let r = fake(ch)
-                .symlink(SymlinkRequest { target, link_name })
-                .await?
-                .into_inner();
+            let r = fake(ch).symlink(SymlinkRequest { target, link_name }).await?.into_inner();
             json!({"path": r.path})
         }
         Cmd::Alloc { bytes } => {
@@ -229,25 +201,15 @@ async fn call(cmd: Cmd, ch: Channel) -> Result<Value, Failure> {
             fake(ch).exit(ExitRequest { code, message }).await?;
             json!({})
         }
-        Cmd::Stream {
-            total,
-            chunk,
-            delay_ms,
-        } => {
+        Cmd::Stream { total, chunk, delay_ms } => {
             let start = Instant::now();
             let chunk_bytes = u32::try_from(chunk).map_err(|_| Failure {
                 code: "InvalidArgument".into(),
                 message: "chunk too large".into(),
                 extra: json!({}),
             })?;
-            let mut s = fake(ch)
-                .stream(StreamRequest {
-                    total_bytes: total,
-                    chunk_bytes,
-                    delay_ms,
-                })
-                .await?
-                .into_inner();
+            let mut s =
+                fake(ch).stream(StreamRequest { total_bytes: total, chunk_bytes, delay_ms }).await?.into_inner();
             let mut sum = Checksum::new();
             let mut chunks = 0u64;
             let mut in_order = true;
@@ -280,9 +242,7 @@ async fn call(cmd: Cmd, ch: Channel) -> Result<Value, Failure> {
             let chunk = chunk.max(1);
             let outbound = tokio_stream::iter((0..total.div_ceil(chunk)).map(move |i| {
                 let off = i * chunk;
-                EchoMessage {
-                    data: pattern::chunk(off, (total - off).min(chunk) as usize),
-                }
+                EchoMessage { data: pattern::chunk(off, (total - off).min(chunk) as usize) }
             }));
             let mut s = fake(ch).echo(outbound).await?.into_inner();
             let mut sum = Checksum::new();
@@ -304,10 +264,7 @@ async fn call(cmd: Cmd, ch: Channel) -> Result<Value, Failure> {
             })
         }
         Cmd::ReadPath { path } => {
-            let r = fake(ch)
-                .read_path(ReadPathRequest { path, max_bytes: 0 })
-                .await?
-                .into_inner();
+            let r = fake(ch).read_path(ReadPathRequest { path, max_bytes: 0 }).await?.into_inner();
             json!({
                 "kind": r.kind, "data": String::from_utf8_lossy(&r.data), "size": r.data.len(),
                 "entries": r.entries, "link_target": r.link_target, "error": r.error,

@@ -1,0 +1,82 @@
+//! A build hitting a limit kills only that build, and the client is told
+//! why: when an instance dies under a connected client, berth ends the
+//! client's HTTP/2 connection with a GOAWAY whose debug data names the
+//! limit. grpc-go clients (buildx, buildctl) print that debug data; this
+//! test reads it the same way, with a raw h2 client.
+
+use berth_tests::harness::Agent;
+use berth_tests::proto::fake::AllocRequest;
+use prost::Message;
+use std::time::Duration;
+
+async fn alloc_on_raw_h2(socket: &std::path::Path, bytes: u64) -> String {
+    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let (client, conn) = h2::client::handshake(stream).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let msg = AllocRequest { bytes }.encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    body.extend_from_slice(&msg);
+    let req = http::Request::post("http://berth/berth.fake.v1.Fake/Alloc")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (resp, mut send) = client.send_request(req, false).unwrap();
+    send.send_data(bytes::Bytes::from(body), true).unwrap();
+    let call = tokio::time::timeout(Duration::from_secs(30), resp).await.expect("call hangs");
+    let conn_end = tokio::time::timeout(Duration::from_secs(30), conn).await.expect("connection hangs").unwrap();
+    format!("call: {call:?}; connection: {conn_end:?}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oom_killed_build_tells_its_client_why() {
+    let agent = Agent::builder("limits-oom")
+        .args(["--build-memory", "64Mi", "--max-builds", "2", "--idle-timeout", "2s"])
+        .start_async()
+        .await;
+    let seen = alloc_on_raw_h2(agent.socket(), 256 << 20).await;
+    assert!(seen.contains("memory limit of 64Mi") && seen.contains("OOM"), "{seen}");
+    let end = agent
+        .wait_log_async(0, berth_tests::harness::is_instance_end, Duration::from_secs(20))
+        .await
+        .expect("instance end logged");
+    assert_eq!(end["reason"], "oom");
+    let leaks = agent.wait_clean_async(Duration::from_secs(20)).await;
+    assert!(leaks.is_empty(), "{leaks:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_within_its_limits_gets_no_goaway() {
+    let agent = Agent::builder("limits-ok")
+        .args(["--build-memory", "256Mi", "--max-builds", "2", "--idle-timeout", "2s"])
+        .start_async()
+        .await;
+    let stream = tokio::net::UnixStream::connect(agent.socket()).await.unwrap();
+    let (client, conn) = h2::client::handshake(stream).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let msg = AllocRequest { bytes: 8 << 20 }.encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    body.extend_from_slice(&msg);
+    let req = http::Request::post("http://berth/berth.fake.v1.Fake/Alloc")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (resp, mut send) = client.send_request(req, false).unwrap();
+    send.send_data(bytes::Bytes::from(body), true).unwrap();
+    let resp = resp.await.expect("call succeeds");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    while let Some(chunk) = body.data().await {
+        chunk.unwrap();
+    }
+    let trailers = body.trailers().await.unwrap().expect("grpc trailers");
+    assert_eq!(trailers.get("grpc-status").map(|v| v.to_str().unwrap()), Some("0"));
+    drop((client, send, body));
+    let end = tokio::time::timeout(Duration::from_secs(10), conn).await.expect("closes").unwrap();
+    assert!(end.is_ok(), "a healthy connection ends cleanly: {end:?}");
+}
