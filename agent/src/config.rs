@@ -137,7 +137,7 @@ pub struct HostArgs {
     #[arg(long, env = "BERTH_DAEMON", default_value = "buildkitd")]
     pub daemon: PathBuf,
     /// Root of the host's /etc (passwd, group, subuid), for the id-pool checks.
-    #[arg(long, env = "BERTH_ETC_ROOT", default_value = "/etc", hide = true)]
+    #[arg(long, env = "BERTH_ETC_ROOT", default_value = "/etc")]
     pub etc_root: PathBuf,
     /// The berth-shim binary; default: beside berth-agent, else on PATH.
     #[arg(long, env = "BERTH_SHIM")]
@@ -339,6 +339,7 @@ pub fn expand_config(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
                     flags.push(OsString::from(format!("--{key}")));
                     continue;
                 }
+                toml::Value::Boolean(false) => "false".to_string(),
                 other => {
                     return Err(format!(
                         "config file {}: key {key:?}: unsupported value {other}",

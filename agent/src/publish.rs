@@ -314,9 +314,7 @@ impl Publisher {
             Ok(Err(error)) => Err(CallError { op, error }),
             Err(_) => Err(CallError {
                 op,
-                error: kube::Error::Service(
-                    format!("no answer within {:?}", self.settings.request_timeout).into(),
-                ),
+                error: kube::Error::Service(format!("no answer within {:?}", self.settings.request_timeout).into()),
             }),
         }
     }

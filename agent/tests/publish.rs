@@ -94,10 +94,16 @@ fn start(client: kube::Client, settings: Settings, slots: u64) -> Running {
 impl Running {
     /// Waits (at most 10 s) until the progress satisfies `pred`.
     async fn until(&mut self, what: &str, pred: impl FnMut(&Progress) -> bool) -> Progress {
-        let got = tokio::time::timeout(Duration::from_secs(10), self.progress.wait_for(pred)).await.map(|r| r.map(|p| p.clone()));
+        let got = tokio::time::timeout(Duration::from_secs(10), self.progress.wait_for(pred))
+            .await
+            .map(|r| r.map(|p| p.clone()));
         match got {
             Ok(Ok(p)) => p,
-            _ => panic!("timed out waiting for {what}; progress {:?}\nlogs:\n{}", *self.progress.borrow(), self.logs.text()),
+            _ => panic!(
+                "timed out waiting for {what}; progress {:?}\nlogs:\n{}",
+                *self.progress.borrow(),
+                self.logs.text()
+            ),
         }
     }
 
@@ -140,7 +146,7 @@ async fn status_patch_is_a_json_patch_of_capacity_and_allocatable() {
     assert_eq!(alloc[RESOURCE].0, "4");
     assert_eq!(cap["cpu"].0, "8");
     // Nothing touched another node, nothing but node-a's object and status subresource.
-    assert!(api.node("node-b").status.unwrap().capacity.unwrap().get(RESOURCE).is_none());
+    assert!(!api.node("node-b").status.unwrap().capacity.unwrap().contains_key(RESOURCE));
     for s in api.seen() {
         assert!(s.path == STATUS || s.path == META, "unexpected call {} {}", s.method, s.path);
     }
@@ -224,7 +230,10 @@ async fn unavailable_api_is_retried_with_backoff_until_it_succeeds() {
     assert_eq!(lines("code=503").len(), 2, "{logs}");
     assert_eq!(lines("code=429").len(), 1, "{logs}");
     for l in lines("code=503").iter().chain(&lines("code=429")) {
-        assert!(l.contains("WARN") && l.contains("Kubernetes API unavailable; retrying") && l.contains("retry_in="), "{l}");
+        assert!(
+            l.contains("WARN") && l.contains("Kubernetes API unavailable; retrying") && l.contains("retry_in="),
+            "{l}"
+        );
     }
     assert!(logs.contains("Kubernetes API reachable again"), "{logs}");
 }
@@ -264,7 +273,8 @@ async fn missing_node_and_unreachable_api_only_log() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
-    let client = berth_agent::publish::client_from(kube::Config::new(url.parse().unwrap()), Duration::from_secs(5)).unwrap();
+    let client =
+        berth_agent::publish::client_from(kube::Config::new(url.parse().unwrap()), Duration::from_secs(5)).unwrap();
     let mut p = start(client, fast("node-a"), 2);
     p.until("three failures", |p| p.failures >= 3).await;
     let logs = p.logs.text();
@@ -321,7 +331,10 @@ async fn capacity_cluster_marks_nodes_without_berth() {
     let text = cluster::report(api.client(), RESOURCE, OutputFormat::Text).await.unwrap();
     let gpu: Vec<&str> = text.lines().find(|l| l.starts_with("gpu-0")).unwrap().split_whitespace().collect();
     assert_eq!(gpu, ["gpu-0", "amd64", "-", "-", "-"], "{text}");
-    assert!(text.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["TOTAL", "(3", "nodes)", "14", "6", "8"]), "{text}");
+    assert!(
+        text.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["TOTAL", "(3", "nodes)", "14", "6", "8"]),
+        "{text}"
+    );
     assert!(text.contains("1 node without berth.dev/build"), "{text}");
     let out = cluster::report(api.client(), RESOURCE, OutputFormat::Json).await.unwrap();
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -356,7 +369,10 @@ async fn capacity_cluster_command_reads_the_kubeconfig() {
     assert_eq!(slots, [4, 8, 2]);
     assert_eq!(v[2]["arch"], "arm64");
     let text = run(&["capacity", "--cluster"]).await;
-    assert!(text.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["TOTAL", "(3", "nodes)", "14", "6", "8"]), "{text}");
+    assert!(
+        text.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["TOTAL", "(3", "nodes)", "14", "6", "8"]),
+        "{text}"
+    );
 
     // A refusal is an error exit with the RBAC hint, not a panic.
     api.fail(Method::GET, "/api/v1/nodes", 403, 1);
@@ -401,7 +417,14 @@ impl Agent {
             .arg(dir.path().join("state"))
             .arg(format!("--listen=unix://{}", dir.path().join("s.sock").display()))
             .args(["--http-addr", "off", "--daemon", "/bin/true", "--shim", "/bin/true", "--log-format", "json"])
-            .args(["--cgroup-parent", &cgroup_parent, "--idmap-base", &idmap_base.to_string(), "--idmap-count", "262144"])
+            .args([
+                "--cgroup-parent",
+                &cgroup_parent,
+                "--idmap-base",
+                &idmap_base.to_string(),
+                "--idmap-count",
+                "262144",
+            ])
             .args(extra)
             .env("KUBECONFIG", &kubeconfig)
             .stdin(std::process::Stdio::null())
@@ -441,7 +464,8 @@ impl Agent {
     async fn stop(mut self) -> String {
         let pid = nix::unistd::Pid::from_raw(self.child.id().unwrap() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await.expect("agent exits").unwrap();
+        let status =
+            tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await.expect("agent exits").unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         let log = self.log();
         assert!(status.success(), "agent exit {status}; log:\n{log}");
@@ -479,7 +503,11 @@ async fn agent_run_publishes_its_slots_when_node_name_is_set() {
     }
     let api = Double::start(vec![node("node-a", "amd64", None, None)]).await;
     let agent = Agent::start(&api, "publish-on", Some("node-a"), &["--max-builds", "3"]);
-    agent.until("the status and metadata patches", || !api.seen_at("PATCH", STATUS).is_empty() && !api.seen_at("PATCH", META).is_empty()).await;
+    agent
+        .until("the status and metadata patches", || {
+            !api.seen_at("PATCH", STATUS).is_empty() && !api.seen_at("PATCH", META).is_empty()
+        })
+        .await;
     let status = api.seen_at("PATCH", STATUS);
     assert_eq!(
         status[0].json(),

@@ -36,19 +36,13 @@ pub async fn try_channel(socket: &Path) -> Result<Channel, tonic::transport::Err
 pub async fn channel(socket: &Path) -> Channel {
     match try_channel(socket).await {
         Ok(c) => c,
-        Err(e) => panic!(
-            "cannot connect to {}: {}",
-            socket.display(),
-            error_chain(&e)
-        ),
+        Err(e) => panic!("cannot connect to {}: {}", socket.display(), error_chain(&e)),
     }
 }
 
 /// A `berth.fake.v1.Fake` client on a fresh connection (panics if it cannot connect).
 pub async fn fake_client(socket: &Path) -> FakeClient<Channel> {
-    FakeClient::new(channel(socket).await)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE)
+    FakeClient::new(channel(socket).await).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE)
 }
 
 /// A `moby.buildkit.v1.Control` client on a fresh connection (panics if it cannot connect).
@@ -60,15 +54,10 @@ pub async fn control_client(socket: &Path) -> ControlClient<Channel> {
 /// failed connect is reported as `Unavailable`; a server without the health
 /// service answers `Unimplemented`.
 pub async fn health_check(socket: &Path) -> Result<ServingStatus, tonic::Status> {
-    let ch = try_channel(socket).await.map_err(|e| {
-        tonic::Status::unavailable(format!("connect {}: {}", socket.display(), error_chain(&e)))
-    })?;
-    let reply = HealthClient::new(ch)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await?
-        .into_inner();
+    let ch = try_channel(socket)
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connect {}: {}", socket.display(), error_chain(&e))))?;
+    let reply = HealthClient::new(ch).check(HealthCheckRequest { service: String::new() }).await?.into_inner();
     Ok(ServingStatus::try_from(reply.status).unwrap_or(ServingStatus::Unknown))
 }
 

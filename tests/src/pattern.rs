@@ -51,10 +51,7 @@ pub struct Checksum {
 
 impl Default for Checksum {
     fn default() -> Self {
-        Checksum {
-            state: 0xcbf2_9ce4_8422_2325,
-            len: 0,
-        }
+        Checksum { state: 0xcbf2_9ce4_8422_2325, len: 0 }
     }
 }
 

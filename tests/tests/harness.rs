@@ -32,11 +32,7 @@ async fn agent_harness_starts_logs_signals_restarts_and_scans() {
     let fake_bins = tempfile::tempdir().unwrap();
     for b in ["fakekitd", "fakeclient", "berth-shim"] {
         // berth-shim is not run by the stand-in; any file will do.
-        let src = if b == "berth-shim" {
-            real.join("fakekitd")
-        } else {
-            real.join(b)
-        };
+        let src = if b == "berth-shim" { real.join("fakekitd") } else { real.join(b) };
         std::os::unix::fs::symlink(src, fake_bins.path().join(b)).unwrap();
     }
     let agent_path = fake_bins.path().join("berth-agent");
@@ -45,66 +41,33 @@ async fn agent_harness_starts_logs_signals_restarts_and_scans() {
     std::env::set_var("BERTH_BIN_DIR", fake_bins.path());
     std::env::set_var("BERTH_CONFIG", "/must/not/reach/the/agent.toml");
 
-    let agent = Agent::builder("harness self-test")
-        .arg("--idle-timeout")
-        .arg("5s")
-        .start_async()
-        .await;
+    let agent = Agent::builder("harness self-test").arg("--idle-timeout").arg("5s").start_async().await;
     let mode = std::fs::metadata(agent.dir()).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o755);
-    assert!(
-        agent
-            .cgroup_parent()
-            .starts_with("berth-test/harness_self-test-"),
-        "{}",
-        agent.cgroup_parent()
-    );
+    assert!(agent.cgroup_parent().starts_with("berth-test/harness_self-test-"), "{}", agent.cgroup_parent());
     let (base, count) = agent.idmap();
     assert_eq!((base % 65536, count), (0, 8 * 65536));
     let cl = agent.command_line();
     assert!(cl.iter().any(|a| a == "--idle-timeout"), "{cl:?}");
 
-    let listening = agent
-        .wait_log_async(0, |v| v["message"] == "listening", Duration::from_secs(5))
-        .await
-        .expect("listening line");
+    let listening =
+        agent.wait_log_async(0, |v| v["message"] == "listening", Duration::from_secs(5)).await.expect("listening line");
     assert_eq!(listening["addr"], agent.socket().to_string_lossy().as_ref());
     assert_eq!(listening["cgroup_parent"], agent.cgroup_parent());
     assert!(agent
-        .wait_log(
-            |v| v["raw"] == true && v["message"] == "not json on stdout",
-            Duration::from_secs(5)
-        )
+        .wait_log(|v| v["raw"] == true && v["message"] == "not json on stdout", Duration::from_secs(5))
         .is_some());
-    assert!(agent
-        .wait_log(
-            |v| v["message"] == "never logged",
-            Duration::from_millis(100)
-        )
-        .is_none());
+    assert!(agent.wait_log(|v| v["message"] == "never logged", Duration::from_millis(100)).is_none());
 
     // BERTH_* from the test's environment do not reach the agent; the HTTP
     // endpoint gets an ephemeral loopback port.
-    let http = agent
-        .http_addr(Duration::from_secs(5))
-        .expect("http_addr logged");
+    let http = agent.http_addr(Duration::from_secs(5)).expect("http_addr logged");
     assert_eq!(http.to_string(), "127.0.0.1:0");
-    assert!(agent
-        .wait_log(|v| v["leaked"] == "", Duration::from_secs(1))
-        .is_some());
+    assert!(agent.wait_log(|v| v["leaked"] == "", Duration::from_secs(1)).is_some());
 
-    let first = berth_tests::fake_client(agent.socket())
-        .await
-        .ping(PingRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let first = berth_tests::fake_client(agent.socket()).await.ping(PingRequest {}).await.unwrap().into_inner();
     assert_eq!(Some(first.pid), agent.pid());
-    assert!(
-        agent.leak_scan().is_empty(),
-        "the agent itself is not a leak: {:?}",
-        agent.leak_scan()
-    );
+    assert!(agent.leak_scan().is_empty(), "the agent itself is not a leak: {:?}", agent.leak_scan());
 
     // A process naming the dir is a leak; once it is gone the scan is clean.
     let mut stray = std::process::Command::new("sh")
@@ -126,10 +89,7 @@ async fn agent_harness_starts_logs_signals_restarts_and_scans() {
     assert!(leaks.iter().any(|l| l.contains(&needle)), "{leaks:?}");
     stray.kill().unwrap();
     stray.wait().unwrap();
-    assert!(agent
-        .wait_clean_async(Duration::from_secs(5))
-        .await
-        .is_empty());
+    assert!(agent.wait_clean_async(Duration::from_secs(5)).await.is_empty());
 
     // Leftovers in the state dir are reported.
     std::fs::create_dir_all(agent.state_dir().join("instances/i1")).unwrap();
@@ -141,37 +101,20 @@ async fn agent_harness_starts_logs_signals_restarts_and_scans() {
     std::fs::remove_file(agent.state_dir().join("leases/x")).unwrap();
 
     agent.sigterm();
-    let st = agent
-        .wait_exit_async(Duration::from_secs(10))
-        .await
-        .expect("exited");
+    let st = agent.wait_exit_async(Duration::from_secs(10)).await.expect("exited");
     assert_eq!(st.code(), Some(1));
     assert_eq!(agent.pid(), None);
 
     let mark = agent.log_mark();
     agent.restart_async().await;
-    assert!(agent
-        .wait_log_since(
-            mark,
-            |v| v["message"] == "listening",
-            Duration::from_secs(5)
-        )
-        .is_some());
-    let second = berth_tests::fake_client(agent.socket())
-        .await
-        .ping(PingRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    assert!(agent.wait_log_since(mark, |v| v["message"] == "listening", Duration::from_secs(5)).is_some());
+    let second = berth_tests::fake_client(agent.socket()).await.ping(PingRequest {}).await.unwrap().into_inner();
     assert_ne!(second.token, first.token);
     assert_eq!(Some(second.pid), agent.pid());
 
     let pid = second.pid;
     let dir = agent.dir().to_path_buf();
     drop(agent);
-    assert!(
-        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-        "agent killed and reaped on drop"
-    );
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "agent killed and reaped on drop");
     assert!(!dir.exists(), "temp dir removed on drop");
 }

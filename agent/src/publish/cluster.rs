@@ -109,7 +109,9 @@ pub fn render(rows: &[NodeRow], resource: &str, format: OutputFormat) -> String 
         return serde_json::to_string_pretty(rows).expect("rows serialize") + "\n";
     }
     let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
-    let free = |s: Option<u64>, u: Option<u64>| s.map(|s| s.saturating_sub(u.unwrap_or(0)).to_string()).unwrap_or_else(|| "-".into());
+    let free = |s: Option<u64>, u: Option<u64>| {
+        s.map(|s| s.saturating_sub(u.unwrap_or(0)).to_string()).unwrap_or_else(|| "-".into())
+    };
     let width = rows.iter().map(|r| r.node.len()).chain([5, 24]).max().unwrap_or(24);
     let line = |name: &str, arch: &str, slots: String, in_use: String, free: String| {
         format!("{name:<width$}  {arch:<7}  {slots:>5}  {in_use:>6}  {free:>5}\n")
@@ -130,7 +132,8 @@ pub fn render(rows: &[NodeRow], resource: &str, format: OutputFormat) -> String 
         }
     }
     if all.nodes > all.berth_nodes {
-        out += &format!("{} without {resource} (no berth agent publishing there)\n", nodes(all.nodes - all.berth_nodes));
+        out +=
+            &format!("{} without {resource} (no berth agent publishing there)\n", nodes(all.nodes - all.berth_nodes));
     }
     out
 }
@@ -164,7 +167,9 @@ pub fn main(args: &CapacityCmd) -> i32 {
             }
             Err(e) => {
                 let hint = match &e {
-                    kube::Error::Api(s) if s.code == 403 => " (listing nodes needs RBAC verb list on nodes)".to_string(),
+                    kube::Error::Api(s) if s.code == 403 => {
+                        " (listing nodes needs RBAC verb list on nodes)".to_string()
+                    }
                     _ => String::new(),
                 };
                 eprintln!("berth-agent: listing nodes: {e}{hint}");

@@ -20,7 +20,8 @@ fn status_patch_sets_capacity_and_allocatable() {
         ])
     );
     // kube's JSON patch type accepts it.
-    let p: Result<kube::api::Patch<()>, _> = serde_json::from_value(status_patch("berth.dev/build", 7)).map(kube::api::Patch::Json);
+    let p: Result<kube::api::Patch<()>, _> =
+        serde_json::from_value(status_patch("berth.dev/build", 7)).map(kube::api::Patch::Json);
     assert!(p.is_ok());
 }
 
@@ -139,4 +140,17 @@ async fn https_client_builds_with_the_ring_provider() {
     let mut config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
     config.accept_invalid_certs = false;
     kube::Client::try_from(config).expect("a rustls client");
+}
+
+#[test]
+fn config_file_can_turn_publishing_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("berth.toml");
+    std::fs::write(&f, "node-name = \"node-c\"\npublish-capacity = \"false\"\n").unwrap();
+    let argv = ["berth-agent", "run", "--config", f.to_str().unwrap()].map(std::ffi::OsString::from).to_vec();
+    let cli = Cli::try_parse_from(crate::config::expand_config(argv).unwrap()).unwrap();
+    let Command::Run(r) = cli.command else { unreachable!() };
+    assert_eq!(r.node_name.as_deref(), Some("node-c"));
+    assert_eq!(r.publish_capacity, Some(false));
+    assert!(Settings::from_run(&r, None).is_err());
 }

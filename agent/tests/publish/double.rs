@@ -32,7 +32,8 @@ pub struct Seen {
 
 impl Seen {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body of {} {} is not JSON: {e}", self.method, self.path))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body of {} {} is not JSON: {e}", self.method, self.path))
     }
 }
 
@@ -94,7 +95,11 @@ pub fn node(name: &str, arch: &str, slots: Option<u64>, in_use: Option<u64>) -> 
         status: Some(NodeStatus {
             allocatable: Some(capacity.clone()),
             capacity: Some(capacity),
-            node_info: Some(NodeSystemInfo { architecture: arch.into(), operating_system: "linux".into(), ..Default::default() }),
+            node_info: Some(NodeSystemInfo {
+                architecture: arch.into(),
+                operating_system: "linux".into(),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
     }
@@ -137,7 +142,8 @@ fn json_patch(doc: &mut Value, ops: &Value) -> Result<(), String> {
     for op in ops {
         let kind = op["op"].as_str().ok_or("op without \"op\"")?;
         let path = op["path"].as_str().ok_or("op without \"path\"")?;
-        let tokens: Vec<String> = path.strip_prefix('/').ok_or("path must start with /")?.split('/').map(unescape).collect();
+        let tokens: Vec<String> =
+            path.strip_prefix('/').ok_or("path must start with /")?.split('/').map(unescape).collect();
         let (last, parents) = tokens.split_last().ok_or("empty path")?;
         let mut at = &mut *doc;
         for t in parents {
@@ -194,7 +200,10 @@ impl Inner {
         match (method.clone(), parts.as_slice()) {
             (Method::GET, []) if rest.is_empty() || rest == "/" => {
                 let items: Vec<Value> = self.nodes.values().cloned().collect();
-                (200, json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {"resourceVersion": "100"}, "items": items}))
+                (
+                    200,
+                    json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {"resourceVersion": "100"}, "items": items}),
+                )
             }
             (Method::GET, [name]) => match self.nodes.get(*name) {
                 Some(n) => (200, n.clone()),
@@ -216,7 +225,12 @@ impl Inner {
                         }
                     }
                     Some("application/merge-patch+json") => merge_patch(&mut updated, &patch),
-                    other => return (415, status(415, "UnsupportedMediaType", &format!("unsupported content type {other:?}"))),
+                    other => {
+                        return (
+                            415,
+                            status(415, "UnsupportedMediaType", &format!("unsupported content type {other:?}")),
+                        )
+                    }
                 }
                 // Like the API server: the main resource ignores status, the status subresource ignores the rest.
                 if subresource {
@@ -230,7 +244,10 @@ impl Inner {
                 *node = updated.clone();
                 (200, updated)
             }
-            _ => (404, status(404, "NotFound", &format!("the server could not find the requested resource ({method} {path})"))),
+            _ => (
+                404,
+                status(404, "NotFound", &format!("the server could not find the requested resource ({method} {path})")),
+            ),
         }
     }
 }

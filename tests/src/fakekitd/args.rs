@@ -105,9 +105,7 @@ where
             Kind::Value => {
                 let v = match inline {
                     Some(v) => v,
-                    None => it
-                        .next()
-                        .ok_or_else(|| format!("flag needs an argument: --{name}"))?,
+                    None => it.next().ok_or_else(|| format!("flag needs an argument: --{name}"))?,
                 };
                 match name {
                     "addr" => out.addrs.push(v),
@@ -132,14 +130,7 @@ mod tests {
 
     #[test]
     fn both_forms_of_value_flags() {
-        let a = p(&[
-            "--addr",
-            "unix:///a.sock",
-            "--root=/r1",
-            "--addr=unix:///b.sock",
-            "--root",
-            "/r2",
-        ]);
+        let a = p(&["--addr", "unix:///a.sock", "--root=/r1", "--addr=unix:///b.sock", "--root", "/r2"]);
         assert_eq!(a.addrs, vec!["unix:///a.sock", "unix:///b.sock"]);
         assert_eq!(a.root, Some(PathBuf::from("/r2")));
         assert!(a.ignored.is_empty(), "{:?}", a.ignored);
@@ -188,30 +179,15 @@ mod tests {
 
     #[test]
     fn own_knobs() {
-        let a = p(&[
-            "--fail-start=boom: no",
-            "--start-delay=1500",
-            "--no-health",
-            "--socket-early",
-        ]);
+        let a = p(&["--fail-start=boom: no", "--start-delay=1500", "--no-health", "--socket-early"]);
         assert_eq!(a.fail_start.as_deref(), Some("boom: no"));
         assert_eq!(a.start_delay, Duration::from_millis(1500));
         assert!(a.no_health && a.socket_early);
-        let b = p(&[
-            "--fail-start",
-            "x=y",
-            "--start-delay",
-            "2s",
-            "--no-health=false",
-            "--version",
-        ]);
+        let b = p(&["--fail-start", "x=y", "--start-delay", "2s", "--no-health=false", "--version"]);
         assert_eq!(b.fail_start.as_deref(), Some("x=y"));
         assert_eq!(b.start_delay, Duration::from_secs(2));
         assert!(!b.no_health && b.version);
-        assert_eq!(
-            p(&["--start-delay=250ms"]).start_delay,
-            Duration::from_millis(250)
-        );
+        assert_eq!(p(&["--start-delay=250ms"]).start_delay, Duration::from_millis(250));
     }
 
     #[test]

@@ -50,10 +50,7 @@ pub fn main() -> ! {
         println!("{VERSION_LINE}");
         std::process::exit(0);
     }
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("fakekitd: runtime: {e}");
@@ -83,14 +80,8 @@ fn default_addr() -> String {
 fn random_token() -> String {
     use std::io::Read;
     let mut b = [0u8; 12];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .is_err()
-    {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_err() {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
         b[..8].copy_from_slice(&(t as u64 ^ ((std::process::id() as u64) << 32)).to_le_bytes());
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -113,21 +104,14 @@ fn bind(path: &Path) -> io::Result<UnixListener> {
 type Incoming = Pin<Box<dyn Stream<Item = io::Result<UnixStream>> + Send>>;
 
 async fn run(args: args::Args, argv: Vec<String>) -> i32 {
-    let mut term = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
+    let mut term = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(t), Ok(i)) => (t, i),
         (Err(e), _) | (_, Err(e)) => {
             eprintln!("fakekitd: signals: {e}");
             return 1;
         }
     };
-    let addrs = if args.addrs.is_empty() {
-        vec![default_addr()]
-    } else {
-        args.addrs.clone()
-    };
+    let addrs = if args.addrs.is_empty() { vec![default_addr()] } else { args.addrs.clone() };
     let mut paths = Vec::new();
     for a in &addrs {
         match a.strip_prefix("unix://") {
@@ -142,13 +126,7 @@ async fn run(args: args::Args, argv: Vec<String>) -> i32 {
     let exe = std::env::current_exe()
         .or_else(|_| std::fs::read_link("/proc/self/exe"))
         .unwrap_or_else(|_| PathBuf::from(std::env::args().next().unwrap_or_default()));
-    let state = Arc::new(State::new(
-        root.clone(),
-        addrs.clone(),
-        argv,
-        random_token(),
-        exe,
-    ));
+    let state = Arc::new(State::new(root.clone(), addrs.clone(), argv, random_token(), exe));
 
     let serve = async {
         let mut listeners = Vec::new();
@@ -191,18 +169,13 @@ async fn run(args: args::Args, argv: Vec<String>) -> i32 {
         if !args.no_health {
             let (reporter, health) = tonic_health::server::health_reporter();
             reporter.set_serving::<FakeServer<FakeService>>().await;
-            reporter
-                .set_serving::<ControlServer<ControlService>>()
-                .await;
+            reporter.set_serving::<ControlServer<ControlService>>().await;
             router = router.add_service(health);
         }
         for a in &addrs {
             eprintln!("fakekitd: serving on {a}");
         }
-        router
-            .serve_with_incoming(incoming)
-            .await
-            .map_err(|e| format!("serve: {}", crate::grpc::error_chain(&e)))
+        router.serve_with_incoming(incoming).await.map_err(|e| format!("serve: {}", crate::grpc::error_chain(&e)))
     };
 
     let res = tokio::select! {

@@ -44,13 +44,7 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(
-        root: PathBuf,
-        addrs: Vec<String>,
-        args: Vec<String>,
-        token: String,
-        exe: PathBuf,
-    ) -> State {
+    pub fn new(root: PathBuf, addrs: Vec<String>, args: Vec<String>, token: String, exe: PathBuf) -> State {
         State {
             root,
             addrs,
@@ -88,9 +82,7 @@ fn read_trim(path: &str) -> String {
 }
 
 fn ns(name: &str) -> String {
-    fs::read_link(format!("/proc/self/ns/{name}"))
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    fs::read_link(format!("/proc/self/ns/{name}")).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 fn env(name: &str) -> String {
@@ -98,20 +90,14 @@ fn env(name: &str) -> String {
 }
 
 fn hostname() -> String {
-    nix::unistd::gethostname()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 /// A path relative to --root with no `..` and not absolute.
 fn under_root(root: &Path, rel: &str, what: &str) -> Result<PathBuf, Status> {
     let p = Path::new(rel);
-    if p.components()
-        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
-    {
-        return Err(Status::invalid_argument(format!(
-            "{what} {rel:?} must be relative to --root without '..'"
-        )));
+    if p.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+        return Err(Status::invalid_argument(format!("{what} {rel:?} must be relative to --root without '..'")));
     }
     Ok(root.join(p))
 }
@@ -122,9 +108,7 @@ fn io_status(what: &str, e: io::Error) -> Status {
         Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::ENOMEM) | Some(libc::EAGAIN) => {
             Status::resource_exhausted(msg)
         }
-        Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => {
-            Status::permission_denied(msg)
-        }
+        Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => Status::permission_denied(msg),
         Some(libc::EEXIST) => Status::already_exists(msg),
         Some(libc::ENOENT) => Status::not_found(msg),
         _ => Status::internal(msg),
@@ -194,10 +178,7 @@ impl Fake for FakeService {
         }))
     }
 
-    async fn write_files(
-        &self,
-        req: Request<WriteFilesRequest>,
-    ) -> Result<Response<WriteFilesReply>, Status> {
+    async fn write_files(&self, req: Request<WriteFilesRequest>) -> Result<Response<WriteFilesReply>, Status> {
         let r = req.into_inner();
         let dir = under_root(&self.0.root, &r.subdir, "subdir")?;
         fs::create_dir_all(&dir).map_err(|e| io_status(&format!("mkdir {}", dir.display()), e))?;
@@ -208,10 +189,7 @@ impl Fake for FakeService {
             let n = self.0.file_seq.fetch_add(1, Ordering::SeqCst);
             let path = dir.join(format!("f-{n:06}"));
             let res = (|| -> io::Result<()> {
-                let mut f = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&path)?;
+                let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
                 let mut left = r.size_bytes;
                 while left > 0 {
                     let k = (left as usize).min(block.len());
@@ -222,13 +200,7 @@ impl Fake for FakeService {
                 f.sync_all()
             })();
             if let Err(e) = res {
-                return Err(io_status(
-                    &format!(
-                        "write {} after {written} bytes in {files} files",
-                        path.display()
-                    ),
-                    e,
-                ));
+                return Err(io_status(&format!("write {} after {written} bytes in {files} files", path.display()), e));
             }
             files += 1;
         }
@@ -239,42 +211,32 @@ impl Fake for FakeService {
         }))
     }
 
-    async fn symlink(
-        &self,
-        req: Request<SymlinkRequest>,
-    ) -> Result<Response<SymlinkReply>, Status> {
+    async fn symlink(&self, req: Request<SymlinkRequest>) -> Result<Response<SymlinkReply>, Status> {
         let r = req.into_inner();
         if r.link_name.is_empty() {
             return Err(Status::invalid_argument("link_name is empty"));
         }
         let path = under_root(&self.0.root, &r.link_name, "link_name")?;
         if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent)
-                .map_err(|e| io_status(&format!("mkdir {}", parent.display()), e))?;
+            fs::create_dir_all(parent).map_err(|e| io_status(&format!("mkdir {}", parent.display()), e))?;
         }
         std::os::unix::fs::symlink(&r.target, &path)
             .map_err(|e| io_status(&format!("symlink {} -> {}", path.display(), r.target), e))?;
-        Ok(Response::new(SymlinkReply {
-            path: path.to_string_lossy().into_owned(),
-        }))
+        Ok(Response::new(SymlinkReply { path: path.to_string_lossy().into_owned() }))
     }
 
     async fn alloc(&self, req: Request<AllocRequest>) -> Result<Response<AllocReply>, Status> {
         let n = req.into_inner().bytes;
         let n = usize::try_from(n).map_err(|_| Status::invalid_argument("bytes too large"))?;
         let mut v: Vec<u8> = Vec::new();
-        v.try_reserve_exact(n)
-            .map_err(|e| Status::resource_exhausted(format!("alloc {n} bytes: {e}")))?;
+        v.try_reserve_exact(n).map_err(|e| Status::resource_exhausted(format!("alloc {n} bytes: {e}")))?;
         // Write every byte (not one per page): the pages must be resident and
         // dirty, so the memory cgroup charges them and the OOM killer sees them.
         v.resize(n, 0xa5);
         std::hint::black_box(&v);
         self.0.held.lock().unwrap().push(v);
         let held = self.0.held_bytes.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
-        Ok(Response::new(AllocReply {
-            ok: true,
-            held_bytes: held,
-        }))
+        Ok(Response::new(AllocReply { ok: true, held_bytes: held }))
     }
 
     async fn fork(&self, req: Request<ForkRequest>) -> Result<Response<ForkReply>, Status> {
@@ -303,12 +265,7 @@ impl Fake for FakeService {
                 }
             }
         }
-        Ok(Response::new(ForkReply {
-            started: pids.len() as u32,
-            error,
-            pids,
-            held: kids.len() as u32,
-        }))
+        Ok(Response::new(ForkReply { started: pids.len() as u32, error, pids, held: kids.len() as u32 }))
     }
 
     async fn hang(&self, _req: Request<HangRequest>) -> Result<Response<HangReply>, Status> {
@@ -324,16 +281,9 @@ impl Fake for FakeService {
 
     type StreamStream = BoxStream<StreamChunk>;
 
-    async fn stream(
-        &self,
-        req: Request<StreamRequest>,
-    ) -> Result<Response<Self::StreamStream>, Status> {
+    async fn stream(&self, req: Request<StreamRequest>) -> Result<Response<Self::StreamStream>, Status> {
         let r = req.into_inner();
-        let chunk = if r.chunk_bytes == 0 {
-            64 * 1024
-        } else {
-            r.chunk_bytes.min(MAX_CHUNK)
-        } as u64;
+        let chunk = if r.chunk_bytes == 0 { 64 * 1024 } else { r.chunk_bytes.min(MAX_CHUNK) } as u64;
         let delay = Duration::from_millis(r.delay_ms as u64);
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
@@ -343,10 +293,7 @@ impl Fake for FakeService {
                     tokio::time::sleep(delay).await;
                 }
                 let n = (r.total_bytes - off).min(chunk);
-                let msg = StreamChunk {
-                    offset: off,
-                    data: pattern::chunk(off, n as usize),
-                };
+                let msg = StreamChunk { offset: off, data: pattern::chunk(off, n as usize) };
                 if tx.send(Ok(msg)).await.is_err() {
                     return; // the client went away
                 }
@@ -358,10 +305,7 @@ impl Fake for FakeService {
 
     type EchoStream = BoxStream<EchoMessage>;
 
-    async fn echo(
-        &self,
-        req: Request<Streaming<EchoMessage>>,
-    ) -> Result<Response<Self::EchoStream>, Status> {
+    async fn echo(&self, req: Request<Streaming<EchoMessage>>) -> Result<Response<Self::EchoStream>, Status> {
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
@@ -375,10 +319,7 @@ impl Fake for FakeService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn read_path(
-        &self,
-        req: Request<ReadPathRequest>,
-    ) -> Result<Response<ReadPathReply>, Status> {
+    async fn read_path(&self, req: Request<ReadPathRequest>) -> Result<Response<ReadPathReply>, Status> {
         let r = req.into_inner();
         let max = if r.max_bytes == 0 { 65536 } else { r.max_bytes } as usize;
         Ok(Response::new(read_path(Path::new(&r.path), max)))
@@ -404,9 +345,7 @@ fn read_path(path: &Path, max: usize) -> ReadPathReply {
             out.kind = "file".into();
             use std::io::Read;
             let mut buf = Vec::new();
-            fs::File::open(path)?
-                .take(max as u64)
-                .read_to_end(&mut buf)?;
+            fs::File::open(path)?.take(max as u64).read_to_end(&mut buf)?;
             out.data = buf;
         } else {
             out.kind = if ft.is_socket() { "socket" } else { "other" }.into();
@@ -422,23 +361,11 @@ fn read_path(path: &Path, max: usize) -> ReadPathReply {
 
 #[tonic::async_trait]
 impl Control for ControlService {
-    async fn list_workers(
-        &self,
-        _req: Request<ListWorkersRequest>,
-    ) -> Result<Response<ListWorkersResponse>, Status> {
+    async fn list_workers(&self, _req: Request<ListWorkersRequest>) -> Result<Response<ListWorkersResponse>, Status> {
         let labels = HashMap::from([
-            (
-                "org.mobyproject.buildkit.worker.executor".to_string(),
-                "fake".to_string(),
-            ),
-            (
-                "org.mobyproject.buildkit.worker.hostname".to_string(),
-                hostname(),
-            ),
-            (
-                "org.mobyproject.buildkit.worker.snapshotter".to_string(),
-                "native".to_string(),
-            ),
+            ("org.mobyproject.buildkit.worker.executor".to_string(), "fake".to_string()),
+            ("org.mobyproject.buildkit.worker.hostname".to_string(), hostname()),
+            ("org.mobyproject.buildkit.worker.snapshotter".to_string(), "native".to_string()),
         ]);
         Ok(Response::new(ListWorkersResponse {
             record: vec![WorkerRecord {
@@ -451,9 +378,7 @@ impl Control for ControlService {
     }
 
     async fn info(&self, _req: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
-        Ok(Response::new(InfoResponse {
-            buildkit_version: Some(buildkit_version()),
-        }))
+        Ok(Response::new(InfoResponse { buildkit_version: Some(buildkit_version()) }))
     }
 }
 
@@ -464,10 +389,7 @@ mod tests {
     #[test]
     fn paths_must_stay_under_root() {
         let root = Path::new("/r");
-        assert_eq!(
-            under_root(root, "a/b", "x").unwrap(),
-            PathBuf::from("/r/a/b")
-        );
+        assert_eq!(under_root(root, "a/b", "x").unwrap(), PathBuf::from("/r/a/b"));
         assert_eq!(under_root(root, "", "x").unwrap(), PathBuf::from("/r"));
         assert!(under_root(root, "../etc", "x").is_err());
         assert!(under_root(root, "a/../../etc", "x").is_err());
@@ -482,16 +404,10 @@ mod tests {
         let f = read_path(&d.path().join("f"), 3);
         assert_eq!((f.kind.as_str(), f.data.as_slice()), ("file", &b"hel"[..]));
         let l = read_path(&d.path().join("l"), 10);
-        assert_eq!(
-            (l.kind.as_str(), l.link_target.as_str()),
-            ("symlink", "/nowhere")
-        );
+        assert_eq!((l.kind.as_str(), l.link_target.as_str()), ("symlink", "/nowhere"));
         let dir = read_path(d.path(), 10);
         assert_eq!(dir.entries, vec!["f", "l"]);
         let missing = read_path(&d.path().join("missing"), 10);
-        assert!(
-            missing.kind.is_empty() && missing.error.contains("No such file"),
-            "{missing:?}"
-        );
+        assert!(missing.kind.is_empty() && missing.error.contains("No such file"), "{missing:?}");
     }
 }
