@@ -82,9 +82,8 @@ pub fn plan(node: Shape, reserve: Shape, per_build: Shape, max: MaxBuilds, targe
 /// limits when those are lower (a DaemonSet pod with limits, say).
 pub fn this_node(cgroup_root: &Path, proc_root: &Path) -> Shape {
     use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
-    let refresh = RefreshKind::nothing()
-        .with_memory(MemoryRefreshKind::everything())
-        .with_cpu(CpuRefreshKind::nothing());
+    let refresh =
+        RefreshKind::nothing().with_memory(MemoryRefreshKind::everything()).with_cpu(CpuRefreshKind::nothing());
     let (mut memory, mut millicpus) = match System::new_with_specifics(refresh) {
         Ok(sys) => {
             let mem = sys.cgroup_limits().map(|l| l.total_memory).filter(|m| *m > 0 && *m < sys.total_memory());
@@ -124,7 +123,8 @@ fn own_cgroup_limits(root: &Path, proc_root: &Path) -> Option<OwnLimits> {
     }
     let mem_dir = root.join("memory").join(path_of(proc_root, "self", "memory").ok()?.trim_start_matches('/'));
     // v1 reports "no limit" as a huge page-aligned number.
-    let memory = read(&mem_dir.join("memory.limit_in_bytes")).and_then(|s| s.parse::<u64>().ok()).filter(|m| *m < 1 << 62);
+    let memory =
+        read(&mem_dir.join("memory.limit_in_bytes")).and_then(|s| s.parse::<u64>().ok()).filter(|m| *m < 1 << 62);
     let cpu_dir = root.join("cpu").join(path_of(proc_root, "self", "cpu").unwrap_or_default().trim_start_matches('/'));
     let quota = read(&cpu_dir.join("cpu.cfs_quota_us")).and_then(|s| s.parse::<i64>().ok()).filter(|q| *q > 0);
     let period = read(&cpu_dir.join("cpu.cfs_period_us")).and_then(|s| s.parse::<u64>().ok());
@@ -157,14 +157,18 @@ pub fn render(plan: &Plan, format: OutputFormat) -> String {
     }
     let s = |x: &Shape| format!("{} memory, {} CPU", format_bytes(x.memory), cpus(x.millicpus));
     let mut out = format!(
-        "node:      {}\nreserved:  {}\nper build: {}\nslots:     {} (memory allows {}, CPU allows {}; bound by {:?})\nheadroom:  {}\n",
+        "node:      {}\nreserved:  {}\nper build: {}\nslots:     {} (memory allows {}, CPU allows {}; bound by {})\nheadroom:  {}\n",
         s(&plan.node),
         s(&plan.reserve),
         s(&plan.per_build),
         plan.slots,
         plan.slots_by_memory,
         plan.slots_by_cpu,
-        plan.binding,
+        match plan.binding {
+            Binding::Memory => "memory",
+            Binding::Cpu => "CPU",
+            Binding::Fixed => "--max-builds",
+        },
         s(&plan.headroom),
     );
     if plan.overcommitted {
@@ -185,11 +189,10 @@ pub fn main(args: &crate::config::CapacityCmd) -> i32 {
         return crate::publish::cluster::main(args);
     }
     let here = this_node(&args.host.cgroup_root, &args.host.proc_root);
-    let node = Shape {
-        memory: args.node_memory.unwrap_or(here.memory),
-        millicpus: args.node_cpus.unwrap_or(here.millicpus),
-    };
-    let p = plan(node, args.capacity.reserve(), per_build(&args.limits), args.capacity.max_builds, args.target_concurrency);
+    let node =
+        Shape { memory: args.node_memory.unwrap_or(here.memory), millicpus: args.node_cpus.unwrap_or(here.millicpus) };
+    let p =
+        plan(node, args.capacity.reserve(), per_build(&args.limits), args.capacity.max_builds, args.target_concurrency);
     print!("{}", render(&p, args.output));
     if args.output == OutputFormat::Json {
         println!();

@@ -47,28 +47,13 @@ impl fmt::Display for Item {
 }
 
 fn ok(name: &'static str, detail: impl Into<String>) -> Item {
-    Item {
-        name,
-        level: Level::Ok,
-        detail: detail.into(),
-        fix: None,
-    }
+    Item { name, level: Level::Ok, detail: detail.into(), fix: None }
 }
 fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Item {
-    Item {
-        name,
-        level: Level::Fail,
-        detail: detail.into(),
-        fix: Some(fix.into()),
-    }
+    Item { name, level: Level::Fail, detail: detail.into(), fix: Some(fix.into()) }
 }
 fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Item {
-    Item {
-        name,
-        level: Level::Warn,
-        detail: detail.into(),
-        fix: Some(fix.into()),
-    }
+    Item { name, level: Level::Warn, detail: detail.into(), fix: Some(fix.into()) }
 }
 
 pub fn main(args: &CheckArgs) -> i32 {
@@ -79,9 +64,7 @@ pub fn main(args: &CheckArgs) -> i32 {
     }
     let failed = items.iter().filter(|i| i.level == Level::Fail).count();
     if failed > 0 {
-        println!(
-            "{failed} check(s) failed: berth cannot run builds on this node until they are fixed"
-        );
+        println!("{failed} check(s) failed: berth cannot run builds on this node until they are fixed");
         1
     } else {
         println!("this node can run berth");
@@ -94,6 +77,7 @@ pub fn run_checks(args: &CheckArgs) -> Vec<Item> {
     let real_proc = h.proc_root == Path::new("/proc");
     vec![
         userns(&h.proc_root, real_proc, h.shim.as_deref()),
+        overlay(&h.state_dir, real_proc, h.shim.as_deref()),
         proc_unmasked(&h.proc_root),
         idmap(args),
         cgroups(args),
@@ -108,13 +92,7 @@ fn userns(proc_root: &Path, real: bool, shim: Option<&Path>) -> Item {
     let file = proc_root.join("sys/user/max_user_namespaces");
     let max: u64 = match std::fs::read_to_string(&file) {
         Ok(s) => s.trim().parse().unwrap_or(0),
-        Err(e) => {
-            return fail(
-                N,
-                format!("{}: {e}", file.display()),
-                "use a kernel built with CONFIG_USER_NS=y",
-            )
-        }
+        Err(e) => return fail(N, format!("{}: {e}", file.display()), "use a kernel built with CONFIG_USER_NS=y"),
     };
     if max == 0 {
         return fail(
@@ -131,10 +109,7 @@ fn userns(proc_root: &Path, real: bool, shim: Option<&Path>) -> Item {
         );
     }
     if !real {
-        return ok(
-            N,
-            format!("max_user_namespaces={max} (clone probe skipped: --proc-root is not /proc)"),
-        );
+        return ok(N, format!("max_user_namespaces={max} (clone probe skipped: --proc-root is not /proc)"));
     }
     let shim = match find_shim(shim) {
         Ok(s) => s,
@@ -151,23 +126,45 @@ fn userns(proc_root: &Path, real: bool, shim: Option<&Path>) -> Item {
     }
 }
 
+/// buildkit's overlay snapshotter mounts overlayfs from inside the user
+/// namespace, on the state dir's filesystem: kernel >= 5.11, and not on top
+/// of another overlayfs. Tried for real with `berth-shim probe-userns <dir>`.
+fn overlay(state: &Path, real: bool, shim: Option<&Path>) -> Item {
+    const N: &str = "overlayfs";
+    if !real {
+        return ok(N, "probe skipped: --proc-root is not /proc");
+    }
+    let shim = match find_shim(shim) {
+        Ok(s) => s,
+        Err(e) => return fail(N, e.to_string(), "install berth-shim beside berth-agent"),
+    };
+    if let Err(e) = std::fs::create_dir_all(state) {
+        return fail(N, format!("{}: {e}", state.display()), "create the state dir");
+    }
+    let dir = state.join(format!(".berth-check-overlay-{}", std::process::id()));
+    let res = Command::new(&shim).arg("probe-userns").arg(&dir).output();
+    let _ = std::fs::remove_dir_all(&dir);
+    match res {
+        Ok(o) if o.status.success() => ok(N, format!("mounts in a user namespace on {}", state.display())),
+        Ok(o) => warn(
+            N,
+            format!("no overlayfs in a user namespace on {}: {}", state.display(), String::from_utf8_lossy(&o.stderr).trim()),
+            "put --state-dir on ext4/xfs with kernel >= 5.11; without it buildkit falls back to the slower native snapshotter",
+        ),
+        Err(e) => fail(N, format!("{}: {e}", shim.display()), "install berth-shim beside berth-agent"),
+    }
+}
+
 /// A container runtime masks /proc paths by mounting over them; the kernel
 /// then refuses a fresh proc mount in a user namespace ("mnt_too_revealing").
 fn proc_unmasked(proc_root: &Path) -> Item {
     const N: &str = "/proc unmasked";
     let file = proc_root.join("self/mountinfo");
     let Ok(text) = std::fs::read_to_string(&file) else {
-        return fail(
-            N,
-            format!("cannot read {}", file.display()),
-            "mount procfs at /proc",
-        );
+        return fail(N, format!("cannot read {}", file.display()), "mount procfs at /proc");
     };
-    let masked: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .filter(|mp| mp.starts_with("/proc/"))
-        .collect();
+    let masked: Vec<&str> =
+        text.lines().filter_map(|l| l.split_whitespace().nth(4)).filter(|mp| mp.starts_with("/proc/")).collect();
     if masked.is_empty() {
         ok(N, "nothing is mounted over /proc paths")
     } else {
@@ -206,11 +203,9 @@ fn idmap(args: &CheckArgs) -> Item {
             }
             item
         }
-        Err(e) => fail(
-            N,
-            e.to_string(),
-            "set --idmap-base above every host uid/gid and --idmap-count to a multiple of 65536",
-        ),
+        Err(e) => {
+            fail(N, e.to_string(), "set --idmap-base above every host uid/gid and --idmap-count to a multiple of 65536")
+        }
     }
 }
 
@@ -226,10 +221,7 @@ fn subid_overlap(etc: &Path, start: u64, end: u64) -> Option<String> {
                     continue;
                 };
                 if b < end && start < b + c {
-                    return Some(format!(
-                        "/etc/{file} gives {who} {b}..{} inside the pool",
-                        b + c
-                    ));
+                    return Some(format!("/etc/{file} gives {who} {b}..{} inside the pool", b + c));
                 }
             }
         }
@@ -240,7 +232,8 @@ fn subid_overlap(etc: &Path, start: u64, end: u64) -> Option<String> {
 fn cgroups(args: &CheckArgs) -> Item {
     const N: &str = "cgroups";
     let h = &args.host;
-    let fix = "run with the cgroup filesystem mounted read-write (privileged), or pass --cgroup-parent to a delegated cgroup";
+    let fix =
+        "run with the cgroup filesystem mounted read-write (privileged), or pass --cgroup-parent to a delegated cgroup";
     let layout = match Layout::detect(&h.cgroup_root, &h.proc_root, h.cgroup_parent.as_deref()) {
         Ok(l) => l,
         Err(e) => return fail(N, e.to_string(), fix),
@@ -249,25 +242,10 @@ fn cgroups(args: &CheckArgs) -> Item {
     match layout.create(&name, &args.limits.limits()) {
         Ok(spec) => {
             let _ = cgroup::remove(&spec, Duration::from_secs(2));
-            let where_: Vec<String> = layout
-                .parents
-                .iter()
-                .map(|(c, p)| format!("{c}={}", p.display()))
-                .collect();
-            ok(
-                N,
-                format!(
-                    "{:?}, memory+cpu+pids writable under {}",
-                    layout.version,
-                    where_.join(" ")
-                ),
-            )
+            let where_: Vec<String> = layout.parents.iter().map(|(c, p)| format!("{c}={}", p.display())).collect();
+            ok(N, format!("{:?}, memory+cpu+pids writable under {}", layout.version, where_.join(" ")))
         }
-        Err(e) => fail(
-            N,
-            format!("{:?}: cannot create a limited cgroup: {e}", layout.version),
-            fix,
-        ),
+        Err(e) => fail(N, format!("{:?}: cannot create a limited cgroup: {e}", layout.version), fix),
     }
 }
 
@@ -283,48 +261,22 @@ fn daemon(daemon: &Path) -> Item {
     match Command::new(&path).arg("--version").output() {
         Ok(o) if o.status.success() => {
             let v = String::from_utf8_lossy(&o.stdout);
-            ok(
-                N,
-                format!(
-                    "{}: {}",
-                    path.display(),
-                    v.lines().next().unwrap_or("").trim()
-                ),
-            )
+            ok(N, format!("{}: {}", path.display(), v.lines().next().unwrap_or("").trim()))
         }
-        Ok(o) => fail(
-            N,
-            format!("{} --version exited with {}", path.display(), o.status),
-            "reinstall the daemon",
-        ),
-        Err(e) => fail(
-            N,
-            format!("{}: {e}", path.display()),
-            "make the daemon binary executable",
-        ),
+        Ok(o) => fail(N, format!("{} --version exited with {}", path.display(), o.status), "reinstall the daemon"),
+        Err(e) => fail(N, format!("{}: {e}", path.display()), "make the daemon binary executable"),
     }
 }
 
 /// buildkitd runs build steps with runc; Debian's crun rejects `run --keep`.
 fn runc(daemon: &Path, path_var: &str) -> Item {
     const N: &str = "runc";
-    let is_buildkit = daemon
-        .file_name()
-        .is_some_and(|n| n.to_string_lossy().contains("buildkitd"));
+    let is_buildkit = daemon.file_name().is_some_and(|n| n.to_string_lossy().contains("buildkitd"));
     for name in ["buildkit-runc", "runc"] {
-        if let Some(p) = std::env::split_paths(path_var)
-            .map(|d| d.join(name))
-            .find(|c| c.is_file())
-        {
+        if let Some(p) = std::env::split_paths(path_var).map(|d| d.join(name)).find(|c| c.is_file()) {
             let v = Command::new(&p).arg("--version").output().ok();
             let first = v
-                .map(|o| {
-                    String::from_utf8_lossy(&o.stdout)
-                        .lines()
-                        .next()
-                        .unwrap_or("")
-                        .to_string()
-                })
+                .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
                 .unwrap_or_default();
             return ok(N, format!("{}: {first}", p.display()));
         }
@@ -334,11 +286,7 @@ fn runc(daemon: &Path, path_var: &str) -> Item {
     if is_buildkit {
         fail(N, detail, fix)
     } else {
-        warn(
-            N,
-            format!("{detail} (not needed by {})", daemon.display()),
-            fix,
-        )
+        warn(N, format!("{detail} (not needed by {})", daemon.display()), fix)
     }
 }
 
@@ -359,20 +307,12 @@ fn state_dir(state: &Path) -> Item {
     match crate::sys::fs_type(state) {
         Ok(t) if t == "overlayfs" => fail(
             N,
-            format!(
-                "{} is on overlayfs: buildkit's overlay snapshotter cannot nest on it",
-                state.display()
-            ),
+            format!("{} is on overlayfs: buildkit's overlay snapshotter cannot nest on it", state.display()),
             fix,
         ),
-        Ok(t) if t == "tmpfs" => warn(
-            N,
-            format!(
-                "{} is on tmpfs: build state counts against node memory",
-                state.display()
-            ),
-            fix,
-        ),
+        Ok(t) if t == "tmpfs" => {
+            warn(N, format!("{} is on tmpfs: build state counts against node memory", state.display()), fix)
+        }
         Ok(t) => ok(N, format!("{} on {t}, writable", state.display())),
         Err(e) => warn(N, format!("statfs {}: {e}", state.display()), fix),
     }

@@ -163,11 +163,7 @@ pub struct LimitArgs {
 
 impl LimitArgs {
     pub fn limits(&self) -> Limits {
-        Limits {
-            memory_bytes: self.build_memory,
-            cpu_millis: self.build_cpus,
-            pids: self.build_pids,
-        }
+        Limits { memory_bytes: self.build_memory, cpu_millis: self.build_cpus, pids: self.build_pids }
     }
 }
 
@@ -270,9 +266,7 @@ fn parse_http_addr(s: &str) -> Result<HttpAddr, String> {
     if s == "off" {
         return Ok(HttpAddr(None));
     }
-    s.parse()
-        .map(|a| HttpAddr(Some(a)))
-        .map_err(|_| format!("{s:?} is not an address like 0.0.0.0:9411 (or off)"))
+    s.parse().map(|a| HttpAddr(Some(a))).map_err(|_| format!("{s:?} is not an address like 0.0.0.0:9411 (or off)"))
 }
 
 #[derive(Debug, Clone, Args)]
@@ -286,16 +280,11 @@ pub struct CheckArgs {
 fn parse_unix_url(s: &str) -> Result<PathBuf, String> {
     let path = s.strip_prefix("unix://").unwrap_or(s);
     if !path.starts_with('/') {
-        return Err(format!(
-            "{s:?} is not a unix socket address: use unix:///absolute/path.sock"
-        ));
+        return Err(format!("{s:?} is not a unix socket address: use unix:///absolute/path.sock"));
     }
     // sun_path holds 108 bytes including the NUL.
     if path.len() > 107 {
-        return Err(format!(
-            "{path:?} is {} bytes; a unix socket path holds at most 107",
-            path.len()
-        ));
+        return Err(format!("{path:?} is {} bytes; a unix socket path holds at most 107", path.len()));
     }
     Ok(PathBuf::from(path))
 }
@@ -320,10 +309,8 @@ pub fn expand_config(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
         }
     }
     let Some(path) = path else { return Ok(argv) };
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| format!("config file {}: {e}", path.display()))?;
-    let table: toml::Table =
-        toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("config file {}: {e}", path.display()))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
     let mut flags = Vec::new();
     for (key, value) in table {
         let values = match value {
@@ -340,12 +327,7 @@ pub fn expand_config(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
                     continue;
                 }
                 toml::Value::Boolean(false) => "false".to_string(),
-                other => {
-                    return Err(format!(
-                        "config file {}: key {key:?}: unsupported value {other}",
-                        path.display()
-                    ))
-                }
+                other => return Err(format!("config file {}: key {key:?}: unsupported value {other}", path.display())),
             };
             flags.push(OsString::from(format!("--{key}={rendered}")));
         }
@@ -375,9 +357,7 @@ mod tests {
     #[test]
     fn defaults_and_overrides() {
         let cli = parse(&["berth-agent", "run"]).unwrap();
-        let Command::Run(r) = cli.command else {
-            panic!()
-        };
+        let Command::Run(r) = cli.command else { panic!() };
         assert_eq!(r.listen, vec![PathBuf::from("/run/berth/buildkitd.sock")]);
         assert_eq!(r.limits.build_memory, 2 << 30);
         assert_eq!(r.idle_timeout, Duration::from_secs(30));
@@ -397,38 +377,22 @@ mod tests {
             "500m",
         ])
         .unwrap();
-        let Command::Run(r) = cli.command else {
-            panic!()
-        };
+        let Command::Run(r) = cli.command else { panic!() };
         assert_eq!(r.limits.build_memory, 512 << 20);
         assert_eq!(r.limits.build_cpus, 500);
-        assert_eq!(
-            r.listen,
-            vec![PathBuf::from("/a.sock"), PathBuf::from("/b.sock")]
-        );
+        assert_eq!(r.listen, vec![PathBuf::from("/a.sock"), PathBuf::from("/b.sock")]);
         assert_eq!(r.daemon_args, vec!["--debug".to_string()]);
     }
 
     #[test]
     fn bad_values_name_the_flag() {
-        let err = parse(&["berth-agent", "run", "--build-memory", "4GB"])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("--build-memory") && err.contains("unknown size suffix"),
-            "{err}"
-        );
-        let err = parse(&["berth-agent", "run", "--listen", "tcp://0.0.0.0:1"])
-            .unwrap_err()
-            .to_string();
+        let err = parse(&["berth-agent", "run", "--build-memory", "4GB"]).unwrap_err().to_string();
+        assert!(err.contains("--build-memory") && err.contains("unknown size suffix"), "{err}");
+        let err = parse(&["berth-agent", "run", "--listen", "tcp://0.0.0.0:1"]).unwrap_err().to_string();
         assert!(err.contains("--listen"), "{err}");
-        let err = parse(&["berth-agent", "run", "--idle-timeout", "soon"])
-            .unwrap_err()
-            .to_string();
+        let err = parse(&["berth-agent", "run", "--idle-timeout", "soon"]).unwrap_err().to_string();
         assert!(err.contains("--idle-timeout"), "{err}");
-        let err = parse(&["berth-agent", "run", "--scope", "pod"])
-            .unwrap_err()
-            .to_string();
+        let err = parse(&["berth-agent", "run", "--scope", "pod"]).unwrap_err().to_string();
         assert!(err.contains("--scope"), "{err}");
     }
 
@@ -436,34 +400,19 @@ mod tests {
     fn config_file_sits_between_env_and_command_line() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("berth.toml");
-        std::fs::write(
-            &f,
-            "build-memory = \"3Gi\"\nbuild-pids = 100\nlisten = [\"/x.sock\", \"/y.sock\"]\n",
-        )
-        .unwrap();
-        let argv: Vec<OsString> = [
-            "berth-agent",
-            "run",
-            "--config",
-            f.to_str().unwrap(),
-            "--build-pids",
-            "200",
-        ]
-        .iter()
-        .map(OsString::from)
-        .collect();
+        std::fs::write(&f, "build-memory = \"3Gi\"\nbuild-pids = 100\nlisten = [\"/x.sock\", \"/y.sock\"]\n").unwrap();
+        let argv: Vec<OsString> = ["berth-agent", "run", "--config", f.to_str().unwrap(), "--build-pids", "200"]
+            .iter()
+            .map(OsString::from)
+            .collect();
         let cli = Cli::try_parse_from(expand_config(argv).unwrap()).unwrap();
-        let Command::Run(r) = cli.command else {
-            panic!()
-        };
+        let Command::Run(r) = cli.command else { panic!() };
         assert_eq!(r.limits.build_memory, 3 << 30);
         assert_eq!(r.limits.build_pids, 200);
         assert_eq!(r.listen.len(), 2);
         std::fs::write(&f, "build-memory = [").unwrap();
-        let argv: Vec<OsString> = ["berth-agent", "run", "--config", f.to_str().unwrap()]
-            .iter()
-            .map(OsString::from)
-            .collect();
+        let argv: Vec<OsString> =
+            ["berth-agent", "run", "--config", f.to_str().unwrap()].iter().map(OsString::from).collect();
         assert!(expand_config(argv).unwrap_err().contains("berth.toml"));
     }
 }

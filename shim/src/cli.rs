@@ -11,7 +11,7 @@ use std::path::PathBuf;
 pub const USAGE: &str = "\
 usage: berth-shim run <instance-dir> [--proc-root <dir>]
        berth-shim delete <instance-dir> [--proc-root <dir>]
-       berth-shim probe-userns [--proc-root <dir>]
+       berth-shim probe-userns [<overlay-test-dir>] [--proc-root <dir>]
 
   run           start the daemon of <instance-dir>/spec.json in its own namespaces and
                 cgroup, supervise it (stdin is the agent's lifeline), tear it all down
@@ -28,7 +28,7 @@ exit: 0 done and nothing left, 1 something left or failed, 2 usage error
 pub enum Command {
     Run { dir: PathBuf, proc_root: PathBuf },
     Delete { dir: PathBuf, proc_root: PathBuf },
-    Probe { proc_root: PathBuf },
+    Probe { proc_root: PathBuf, overlay: Option<PathBuf> },
     Help,
 }
 
@@ -67,8 +67,10 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
     match sub.as_str() {
         "run" => Ok(Command::Run { dir: one_dir(positional)?, proc_root }),
         "delete" => Ok(Command::Delete { dir: one_dir(positional)?, proc_root }),
-        "probe-userns" if positional.is_empty() => Ok(Command::Probe { proc_root }),
-        "probe-userns" => Err("probe-userns takes no arguments".into()),
+        "probe-userns" if positional.len() <= 1 => {
+            Ok(Command::Probe { proc_root, overlay: positional.into_iter().next() })
+        }
+        "probe-userns" => Err("probe-userns takes at most one dir (for the overlayfs test)".into()),
         other => Err(format!("unknown subcommand {other:?}")),
     }
 }
@@ -110,7 +112,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
             emit(&out);
             exit_code(&out)
         }
-        Command::Probe { proc_root } => match crate::probe::probe(&proc_root) {
+        Command::Probe { proc_root, overlay } => match crate::probe::probe(&proc_root, overlay.as_deref()) {
             Ok(()) => {
                 eprintln!("berth-shim: probe-userns: ok");
                 0
@@ -141,7 +143,8 @@ mod tests {
             p(&["delete", "--proc-root=/q", "/s/i1"]),
             Ok(Command::Delete { dir: "/s/i1".into(), proc_root: "/q".into() })
         );
-        assert_eq!(p(&["probe-userns"]), Ok(Command::Probe { proc_root: "/proc".into() }));
+        assert_eq!(p(&["probe-userns"]), Ok(Command::Probe { proc_root: "/proc".into(), overlay: None }));
+        assert_eq!(p(&["probe-userns", "/x"]), Ok(Command::Probe { proc_root: "/proc".into(), overlay: Some("/x".into()) }));
         let Ok(Command::Run { dir, .. }) = p(&["run", "rel"]) else { panic!() };
         assert!(dir.is_absolute() && dir.ends_with("rel"));
     }
@@ -155,7 +158,7 @@ mod tests {
             (&["run", "a", "b"][..], "takes one instance dir"),
             (&["delete", "a", "--force"][..], "unknown option --force"),
             (&["run", "a", "--proc-root"][..], "needs a value"),
-            (&["probe-userns", "x"][..], "takes no arguments"),
+            (&["probe-userns", "x", "y"][..], "at most one dir"),
         ] {
             let err = p(args).unwrap_err();
             assert!(err.contains(want), "{args:?}: {err}");

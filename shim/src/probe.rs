@@ -1,7 +1,10 @@
 //! `berth-shim probe-userns`: tries for real what `run` needs from the
 //! kernel, so that `berth-agent check` reports a missing feature before a
 //! build does: clone into new user, mount and pid namespaces, map ids from
-//! a privileged parent, become root inside, and mount a fresh /proc.
+//! a privileged parent, become root inside, and mount a fresh /proc; and,
+//! given a dir, mount overlayfs there from inside the user namespace, as
+//! buildkit's overlay snapshotter will (kernel >= 5.11, and not on top of
+//! another overlayfs).
 //!
 //! The mapping is a single id, `0 2147483648 1`: high above any real user
 //! or instance range, and one id is enough for the steps tried.
@@ -22,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 /// The probe's id map line for both uid_map and gid_map.
 pub const PROBE_MAP: &str = "0 2147483648 1\n";
+const PROBE_HOST_ID: u32 = 2147483648;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -42,7 +46,29 @@ fn sys_at(what: &'static str) -> impl FnOnce(Errno) -> ProbeError {
 }
 
 /// Runs the probe; Ok means user namespaces work as `run` uses them.
-pub fn probe(proc_root: &Path) -> Result<(), ProbeError> {
+pub fn probe(proc_root: &Path, overlay: Option<&Path>) -> Result<(), ProbeError> {
+    if let Some(dir) = overlay {
+        prepare_overlay(dir)?;
+    }
+    let res = probe_ns(proc_root, overlay);
+    if let Some(dir) = overlay {
+        let _ = fs::remove_dir_all(dir);
+    }
+    res
+}
+
+/// lower/upper/work/merged under `dir`, owned by the probe's mapped root.
+fn prepare_overlay(dir: &Path) -> Result<(), ProbeError> {
+    let owner = Some(Uid::from_raw(PROBE_HOST_ID));
+    for sub in ["", "lower", "upper", "work", "merged"] {
+        let path = dir.join(sub);
+        fs::create_dir_all(&path).map_err(|source| ProbeError::Io { path: path.clone(), source })?;
+        nix::unistd::chown(&path, owner, Some(Gid::from_raw(PROBE_HOST_ID))).map_err(sys_at("chown overlay dir"))?;
+    }
+    Ok(())
+}
+
+fn probe_ns(proc_root: &Path, overlay: Option<&Path>) -> Result<(), ProbeError> {
     let (sync_r, sync_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys_at("pipe2"))?;
     let (rep_r, rep_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys_at("pipe2"))?;
     let task = proc_root.join("self/task");
@@ -54,7 +80,7 @@ pub fn probe(proc_root: &Path) -> Result<(), ProbeError> {
     let pid = {
         let (r, w, close) = (sync_r.as_fd(), rep_w.as_fd(), [sync_w.as_raw_fd(), rep_r.as_raw_fd()]);
         let mut stack = vec![0u8; sys::CHILD_STACK];
-        sys::clone_child(flags, &mut stack, &mut || child(r, w, close)).map_err(sys_at("clone"))?
+        sys::clone_child(flags, &mut stack, &mut || child(r, w, close, overlay)).map_err(sys_at("clone"))?
     };
     drop((sync_r, rep_w));
     let parent_steps = || -> Result<(), ProbeError> {
@@ -90,7 +116,7 @@ pub fn probe(proc_root: &Path) -> Result<(), ProbeError> {
 }
 
 /// The probe child: the same steps as the daemon's child, minus exec.
-fn child(sync_r: BorrowedFd, rep_w: BorrowedFd, close: [RawFd; 2]) -> isize {
+fn child(sync_r: BorrowedFd, rep_w: BorrowedFd, close: [RawFd; 2], overlay: Option<&Path>) -> isize {
     for fd in close {
         sys::close_in_child(fd);
     }
@@ -106,6 +132,17 @@ fn child(sync_r: BorrowedFd, rep_w: BorrowedFd, close: [RawFd; 2]) -> isize {
             .map_err(|e| ("mount --make-rprivate /", e))?;
         let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
         mount(Some("proc"), "/proc", Some("proc"), flags, None::<&str>).map_err(|e| ("mount proc on /proc", e))?;
+        if let Some(dir) = overlay {
+            let opts = format!(
+                "lowerdir={},upperdir={},workdir={}",
+                dir.join("lower").display(),
+                dir.join("upper").display(),
+                dir.join("work").display()
+            );
+            mount(Some("overlay"), &dir.join("merged"), Some("overlay"), MsFlags::empty(), Some(opts.as_str()))
+                .map_err(|e| ("mount overlayfs in the user namespace", e))?;
+            fs::write(dir.join("merged/probe"), b"ok").map_err(|e| ("write into overlayfs", Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
+        }
         Ok(())
     };
     if let Err((step, errno)) = steps() {
@@ -118,3 +155,4 @@ fn child(sync_r: BorrowedFd, rep_w: BorrowedFd, close: [RawFd; 2]) -> isize {
     }
     sys::exit_now(0)
 }
+
