@@ -17,20 +17,9 @@ use tracing::debug;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AdmitError {
     #[error("instance {id} for {client} failed to start: {reason}; daemon stderr: {tail}")]
-    StartFailed {
-        id: String,
-        client: String,
-        reason: String,
-        tail: String,
-    },
-    #[error(
-        "instance {id} did not answer on its socket within {timeout:?}; daemon stderr: {tail}"
-    )]
-    NotReady {
-        id: String,
-        timeout: Duration,
-        tail: String,
-    },
+    StartFailed { id: String, client: String, reason: String, tail: String },
+    #[error("instance {id} did not answer on its socket within {timeout:?}; daemon stderr: {tail}")]
+    NotReady { id: String, timeout: Duration, tail: String },
     #[error("instance {id} ended before this connection could be served; retry")]
     Gone { id: String },
     #[error("node {0} is draining and takes no new builds; retry on another node")]
@@ -75,9 +64,7 @@ pub struct ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.instance
-            .conns
-            .send_modify(|c| *c = c.saturating_sub(1));
+        self.instance.conns.send_modify(|c| *c = c.saturating_sub(1));
     }
 }
 
@@ -110,7 +97,11 @@ pub async fn admit(ctx: &Arc<Ctx>, client: &Client, stream: &UnixStream) -> Resu
 
 /// Finds the client's instance, or creates it when given a slot, and counts
 /// one more connection on it. Without a slot and without an instance: None.
-fn attach(ctx: &Arc<Ctx>, client: &Client, permit: Option<OwnedSemaphorePermit>) -> Result<Option<Arc<Instance>>, AdmitError> {
+fn attach(
+    ctx: &Arc<Ctx>,
+    client: &Client,
+    permit: Option<OwnedSemaphorePermit>,
+) -> Result<Option<Arc<Instance>>, AdmitError> {
     let draining = *ctx.draining.borrow();
     let mut reg = ctx.registry.lock().expect("registry lock");
     let instance = match (reg.get(&client.key).cloned(), permit) {

@@ -207,6 +207,10 @@ pub struct RunArgs {
     /// Extra argument for the daemon (repeatable); use `--daemon-arg=--flag`.
     #[arg(long = "daemon-arg", allow_hyphen_values = true)]
     pub daemon_args: Vec<String>,
+    /// Most bytes of one daemon's output kept in its daemon.log (Kubernetes quantity);
+    /// the rest is dropped, its last 4 KiB still reach the instance's end report.
+    #[arg(long, env = "BERTH_DAEMON_LOG_CAP", default_value = "16Mi", value_parser = quantity::parse_bytes)]
+    pub daemon_log_cap: u64,
     /// How long a new instance may take to answer on its socket.
     #[arg(long, env = "BERTH_START_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub start_timeout: Duration,

@@ -160,7 +160,9 @@ impl Csi {
                             known.insert(vol.to_string());
                             self.insert(p, token);
                         }
-                        Err(e) => warn!(volume = %p.volume_id, error = %e, "cannot listen again for a published volume"),
+                        Err(e) => {
+                            warn!(volume = %p.volume_id, error = %e, "cannot listen again for a published volume")
+                        }
                     },
                     other => {
                         if let Some(p) = &other {

@@ -20,9 +20,7 @@ pub enum IdmapError {
     Overflow { base: u32, count: u32 },
     #[error("--idmap-base {base} puts a host id in the pool: {what} uses id {id}; move the pool clear of it")]
     HostIds { base: u32, what: String, id: u32 },
-    #[error(
-        "all {0} id ranges of the pool are leased; raise --idmap-count or lower the concurrency"
-    )]
+    #[error("all {0} id ranges of the pool are leased; raise --idmap-count or lower the concurrency")]
     Exhausted(u32),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
@@ -52,16 +50,8 @@ impl IdPool {
         if let Some((what, id)) = clash {
             return Err(IdmapError::HostIds { base, what, id });
         }
-        fs::create_dir_all(&leases).map_err(|source| IdmapError::Io {
-            path: leases.clone(),
-            source,
-        })?;
-        Ok(IdPool {
-            base,
-            ranges: count / IDS_PER_INSTANCE,
-            dir: leases,
-            cursor: AtomicU32::new(0),
-        })
+        fs::create_dir_all(&leases).map_err(|source| IdmapError::Io { path: leases.clone(), source })?;
+        Ok(IdPool { base, ranges: count / IDS_PER_INSTANCE, dir: leases, cursor: AtomicU32::new(0) })
     }
 
     pub fn capacity(&self) -> u32 {
@@ -77,22 +67,11 @@ impl IdPool {
         let start = self.cursor.fetch_add(1, Ordering::Relaxed);
         for i in 0..self.ranges {
             let slot = (start + i) % self.ranges;
-            let range = IdRange {
-                host_base: self.base + slot * IDS_PER_INSTANCE,
-                count: IDS_PER_INSTANCE,
-            };
+            let range = IdRange { host_base: self.base + slot * IDS_PER_INSTANCE, count: IDS_PER_INSTANCE };
             let path = self.lease_path(&range);
-            match fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
+            match fs::OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(mut f) => {
-                    f.write_all(id.as_bytes())
-                        .map_err(|source| IdmapError::Io {
-                            path: path.clone(),
-                            source,
-                        })?;
+                    f.write_all(id.as_bytes()).map_err(|source| IdmapError::Io { path: path.clone(), source })?;
                     self.cursor.store(slot + 1, Ordering::Relaxed);
                     return Ok((range, path));
                 }
@@ -108,9 +87,7 @@ impl IdPool {
         let Ok(rd) = fs::read_dir(&self.dir) else {
             return Vec::new();
         };
-        rd.flatten()
-            .map(|e| (e.path(), fs::read_to_string(e.path()).unwrap_or_default()))
-            .collect()
+        rd.flatten().map(|e| (e.path(), fs::read_to_string(e.path()).unwrap_or_default())).collect()
     }
 }
 
@@ -160,20 +137,15 @@ mod tests {
     #[test]
     fn rejects_bad_pools() {
         let t = tempfile::tempdir().unwrap();
-        assert!(matches!(
-            pool(t.path(), 1 << 20, 1000),
-            Err(IdmapError::Count(1000))
-        ));
-        assert!(matches!(
-            pool(t.path(), u32::MAX - 10, 65536),
-            Err(IdmapError::Overflow { .. })
-        ));
+        assert!(matches!(pool(t.path(), 1 << 20, 1000), Err(IdmapError::Count(1000))));
+        assert!(matches!(pool(t.path(), u32::MAX - 10, 65536), Err(IdmapError::Overflow { .. })));
         fs::create_dir_all(t.path().join("etc")).unwrap();
-        fs::write(t.path().join("etc/passwd"), "root:x:0:0::/root:/bin/sh\nbig:x:200000:200000::/:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n").unwrap();
-        let err = pool(t.path(), 100_000, 4 * 65536)
-            .err()
-            .unwrap()
-            .to_string();
+        fs::write(
+            t.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\nbig:x:200000:200000::/:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n",
+        )
+        .unwrap();
+        let err = pool(t.path(), 100_000, 4 * 65536).err().unwrap().to_string();
         assert!(err.contains("200000") && err.contains("big"), "{err}");
         assert!(pool(t.path(), 300_000, 65536).is_ok());
         // Root inside the pool is caught even when a higher id exists.

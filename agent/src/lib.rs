@@ -38,8 +38,8 @@ use idmap::IdPool;
 use instance::Instance;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 

@@ -25,10 +25,7 @@ pub enum ListenError {
 
 /// Binds a unix socket at `path` with `mode`, replacing a stale socket file.
 pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
-    let io_err = |source| ListenError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io_err = |source| ListenError::Io { path: path.to_path_buf(), source };
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io_err)?;
     }
@@ -36,11 +33,7 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
         Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
             std::fs::remove_file(path).map_err(io_err)?;
         }
-        Ok(_) => {
-            return Err(ListenError::NotASocket {
-                path: path.to_path_buf(),
-            })
-        }
+        Ok(_) => return Err(ListenError::NotASocket { path: path.to_path_buf() }),
         Err(_) => {}
     }
     let l = UnixListener::bind(path).map_err(io_err)?;
@@ -135,14 +128,10 @@ async fn handle(ctx: Arc<Ctx>, stream: UnixStream, source: Source) {
 fn identify(ctx: &Ctx, stream: &UnixStream) -> Client {
     let seq = CONN_SEQ.fetch_add(1, Ordering::Relaxed);
     let cred = stream.peer_cred().ok();
-    let (uid, gid, pid) =
-        cred.map(|c| (c.uid(), c.gid(), c.pid()))
-            .unwrap_or((u32::MAX, u32::MAX, None));
+    let (uid, gid, pid) = cred.map(|c| (c.uid(), c.gid(), c.pid())).unwrap_or((u32::MAX, u32::MAX, None));
     // The peer may have exited already; then only its uid/gid identify it.
     let cgroup = pid
-        .and_then(|p| {
-            std::fs::read_to_string(ctx.run.host.proc_root.join(p.to_string()).join("cgroup")).ok()
-        })
+        .and_then(|p| std::fs::read_to_string(ctx.run.host.proc_root.join(p.to_string()).join("cgroup")).ok())
         .unwrap_or_default();
     let shown = cgroup
         .lines()
@@ -150,10 +139,7 @@ fn identify(ctx: &Ctx, stream: &UnixStream) -> Client {
         .or_else(|| cgroup.lines().find(|l| l.contains(":memory:")))
         .and_then(|l| l.splitn(3, ':').nth(2))
         .unwrap_or("?");
-    let display = format!(
-        "uid={uid} pid={} cgroup={shown}",
-        pid.map(|p| p.to_string()).unwrap_or("?".into())
-    );
+    let display = format!("uid={uid} pid={} cgroup={shown}", pid.map(|p| p.to_string()).unwrap_or("?".into()));
     let key = match ctx.run.scope {
         Scope::Client => format!("uid={uid} gid={gid} cgroup={}", cgroup.trim()),
         Scope::Connection => format!("conn={seq}"),

@@ -66,9 +66,17 @@ impl Metrics {
         registry.register("slots_in_use", "Build slots held by an instance", m.slots_in_use.clone());
         registry.register("queue_depth", "Clients waiting for a slot", m.queue_depth.clone());
         registry.register("instances_active", "Instances started and not yet wiped", m.instances_active.clone());
-        registry.register("instance_start_seconds", "From first connection to a daemon that answers", m.start_seconds.clone());
+        registry.register(
+            "instance_start_seconds",
+            "From first connection to a daemon that answers",
+            m.start_seconds.clone(),
+        );
         registry.register("build_duration_seconds", "Life of an instance, start to wipe", m.build_seconds.clone());
-        registry.register("instance_peak_memory_bytes", "Peak memory of an instance's cgroup", m.peak_memory_bytes.clone());
+        registry.register(
+            "instance_peak_memory_bytes",
+            "Peak memory of an instance's cgroup",
+            m.peak_memory_bytes.clone(),
+        );
         registry.register("instances_ended", "Instances ended, by reason", m.ended.clone());
         registry.register("proxied_bytes", "Bytes proxied between clients and instances", m.proxied_bytes.clone());
         registry.register("connections_refused", "Connections refused, by reason", m.refused.clone());

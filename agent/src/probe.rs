@@ -3,6 +3,8 @@
 //! what we wait for.
 #![forbid(unsafe_code)]
 
+use crate::proto::control::control_client::ControlClient;
+use crate::proto::control::ListWorkersRequest;
 use hyper_util::rt::TokioIo;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,8 +13,6 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-use crate::proto::control::control_client::ControlClient;
-use crate::proto::control::ListWorkersRequest;
 
 /// Per-attempt bound: a daemon that accepts but never answers must not stall
 /// the start loop past its deadline.

@@ -69,14 +69,7 @@ impl Shim {
             }
             let _ = tx.send(outcome);
         });
-        Shim {
-            pid,
-            id,
-            dir,
-            _lifeline: lifeline,
-            done: Some(rx),
-            outcome: None,
-        }
+        Shim { pid, id, dir, _lifeline: lifeline, done: Some(rx), outcome: None }
     }
 
     /// Resolves when the shim has ended; cancel-safe, so it can sit in a
@@ -126,12 +119,7 @@ impl Shim {
 /// Serves until the instance should end, and says why. The instance leaves
 /// the registry (so its client's next connection starts a fresh one) before
 /// this returns.
-pub async fn serve_until_end(
-    ctx: &Arc<Ctx>,
-    inst: &Arc<Instance>,
-    shim: &mut Shim,
-    idle: Duration,
-) -> EndCause {
+pub async fn serve_until_end(ctx: &Arc<Ctx>, inst: &Arc<Instance>, shim: &mut Shim, idle: Duration) -> EndCause {
     let mut conns = inst.conns.subscribe();
     let mut shutdown = ctx.shutdown.subscribe();
     let mut stop = inst.stop.subscribe();

@@ -17,20 +17,12 @@ const LEASE_GRACE: Duration = Duration::from_secs(60);
 
 /// Runs `berth-shim delete <dir>` and returns its outcome.
 pub async fn delete(ctx: &Ctx, dir: &Path) -> Option<Outcome> {
-    let out = Command::new(&ctx.shim)
-        .arg("delete")
-        .arg(dir)
-        .arg("--proc-root")
-        .arg(&ctx.run.host.proc_root)
-        .output()
-        .await;
+    let out =
+        Command::new(&ctx.shim).arg("delete").arg(dir).arg("--proc-root").arg(&ctx.run.host.proc_root).output().await;
     match out {
         Ok(out) => {
             let text = String::from_utf8_lossy(&out.stdout);
-            let outcome = text
-                .lines()
-                .rev()
-                .find_map(|l| serde_json::from_str::<Outcome>(l).ok());
+            let outcome = text.lines().rev().find_map(|l| serde_json::from_str::<Outcome>(l).ok());
             if outcome.is_none() {
                 error!(dir = %dir.display(), status = ?out.status, stderr = %String::from_utf8_lossy(&out.stderr), "berth-shim delete gave no outcome");
             }
@@ -96,23 +88,15 @@ pub async fn sweep(ctx: &Ctx) -> Swept {
         }
     }
     for cg in ctx.layout.children("berth-") {
-        let id = cg
-            .file_name()
-            .map(|n| n.to_string_lossy().trim_start_matches("berth-").to_string())
-            .unwrap_or_default();
+        let id =
+            cg.file_name().map(|n| n.to_string_lossy().trim_start_matches("berth-").to_string()).unwrap_or_default();
         // Only names berth gives (berth-<12 hex>): never a parent such as
         // berth-test, nor another tool's cgroup.
-        let ours = id.len() == 12
-            && id
-                .chars()
-                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
+        let ours = id.len() == 12 && id.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
         if !ours || ctx.instances_dir().join(&id).exists() {
             continue;
         }
-        let spec = berth_shim::spec::CgroupSpec {
-            version: ctx.layout.version,
-            dirs: vec![("any".into(), cg.clone())],
-        };
+        let spec = berth_shim::spec::CgroupSpec { version: ctx.layout.version, dirs: vec![("any".into(), cg.clone())] };
         let res = berth_shim::cgroup::kill_all(&spec, Duration::from_secs(5))
             .and_then(|_| berth_shim::cgroup::remove_dir(&cg, Duration::from_secs(5)));
         match res {

@@ -40,11 +40,7 @@ pub fn which(name: &Path) -> Option<PathBuf> {
         return name.is_file().then(|| name.to_path_buf());
     }
     std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join(name))
-                .find(|c| c.is_file())
-        })
+        .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|c| c.is_file()))
         .unwrap_or(None)
 }
 
@@ -65,11 +61,7 @@ pub fn node_name() -> String {
     std::env::var("NODE_NAME")
         .ok()
         .filter(|n| !n.is_empty())
-        .or_else(|| {
-            nix::unistd::gethostname()
-                .ok()
-                .map(|h| h.to_string_lossy().to_string())
-        })
+        .or_else(|| nix::unistd::gethostname().ok().map(|h| h.to_string_lossy().to_string()))
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -77,8 +69,7 @@ pub fn node_name() -> String {
 /// searchable by the instances' mapped uids.
 fn prepare_state(state: &Path) -> Result<(), ServeError> {
     for dir in [state.to_path_buf(), state.join("instances")] {
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| ServeError::StateDir(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(|e| ServeError::StateDir(format!("{}: {e}", dir.display())))?;
         sys::chmod(&dir, 0o711).map_err(|e| ServeError::StateDir(e.to_string()))?;
     }
     sys::check_traversable(state).map_err(ServeError::StateDir)
@@ -91,12 +82,8 @@ pub async fn run(args: RunArgs) -> Result<(), ServeError> {
         .ok_or_else(|| ServeError::NoDaemon(args.host.daemon.clone()))?;
     let shim = find_shim(args.host.shim.as_deref())?;
     prepare_state(&args.host.state_dir)?;
-    let layout = Layout::detect(
-        &args.host.cgroup_root,
-        &args.host.proc_root,
-        args.host.cgroup_parent.as_deref(),
-    )
-    .map_err(ServeError::Cgroup)?;
+    let layout = Layout::detect(&args.host.cgroup_root, &args.host.proc_root, args.host.cgroup_parent.as_deref())
+        .map_err(ServeError::Cgroup)?;
     let pool = IdPool::new(
         args.host.idmap_base,
         args.host.idmap_count,

@@ -26,10 +26,8 @@ use tracing::debug;
 /// Creates the instance on disk and in the cgroup tree, and starts its shim.
 pub async fn start(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, AdmitError> {
     let internal = |what: String| AdmitError::Internal(format!("instance {}: {what}", inst.id));
-    let (ids, lease) = ctx
-        .pool
-        .lease(&inst.id)
-        .map_err(|e| AdmitError::Exhausted(format!("node {}: {e}", ctx.node_name)))?;
+    let (ids, lease) =
+        ctx.pool.lease(&inst.id).map_err(|e| AdmitError::Exhausted(format!("node {}: {e}", ctx.node_name)))?;
     let undo_lease = |e: AdmitError| {
         let _ = fs::remove_file(&lease);
         e
@@ -50,16 +48,14 @@ pub async fn start(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, AdmitEr
         client: inst.client().display,
         client_key: inst.client().key,
         owner: ctx.owner.id.clone(),
+        log_cap_bytes: ctx.run.daemon_log_cap,
     };
     let config = buildkitd::render(&spec, ctx.run.limits.build_cpus, ctx.run.limits.build_disk);
     if let Err(e) = lay_out(&spec, &config) {
         let _ = fs::remove_dir_all(dir);
         return Err(undo_lease(internal(e)));
     }
-    if let Err(e) = ctx
-        .layout
-        .create(&format!("berth-{}", inst.id), &ctx.run.limits.limits())
-    {
+    if let Err(e) = ctx.layout.create(&format!("berth-{}", inst.id), &ctx.run.limits.limits()) {
         let _ = fs::remove_dir_all(dir);
         return Err(undo_lease(internal(e.to_string())));
     }
@@ -78,10 +74,7 @@ pub async fn start(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, AdmitEr
             // The shim never ran: clean up as it would have.
             let _ = berth_shim::cgroup::remove(&spec.cgroup, Duration::from_secs(1));
             let _ = fs::remove_dir_all(dir);
-            Err(undo_lease(internal(format!(
-                "starting {}: {e}",
-                ctx.shim.display()
-            ))))
+            Err(undo_lease(internal(format!("starting {}: {e}", ctx.shim.display()))))
         }
     }
 }
@@ -106,18 +99,9 @@ fn daemon_args(ctx: &Ctx, dir: &Path, socket: &Path, root: &Path) -> Vec<String>
 /// host-wide paths such as /run/runc between instances).
 fn daemon_env(id: &str, dir: &Path) -> Vec<(String, String)> {
     vec![
-        (
-            "PATH".into(),
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-        ),
-        (
-            "HOME".into(),
-            dir.join(spec::HOME_DIR).display().to_string(),
-        ),
-        (
-            "XDG_RUNTIME_DIR".into(),
-            dir.join(spec::RUN_DIR).display().to_string(),
-        ),
+        ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        ("HOME".into(), dir.join(spec::HOME_DIR).display().to_string()),
+        ("XDG_RUNTIME_DIR".into(), dir.join(spec::RUN_DIR).display().to_string()),
         ("USER".into(), "berth".into()),
         ("BERTH_INSTANCE".into(), id.into()),
     ]
@@ -160,18 +144,8 @@ pub async fn wait_ready(
         }
         if Instant::now() >= deadline {
             let outcome = shim.stop(ctx).await;
-            let tail = outcome
-                .as_ref()
-                .map(|o| with_hint(&o.stderr_tail))
-                .unwrap_or_default();
-            return Err((
-                AdmitError::NotReady {
-                    id: inst.id.clone(),
-                    timeout: ctx.run.start_timeout,
-                    tail,
-                },
-                outcome,
-            ));
+            let tail = outcome.as_ref().map(|o| with_hint(&o.stderr_tail)).unwrap_or_default();
+            return Err((AdmitError::NotReady { id: inst.id.clone(), timeout: ctx.run.start_timeout, tail }, outcome));
         }
         tokio::select! {
             outcome = shim.ended() => {

@@ -18,9 +18,7 @@ const REFUSE_LINGER: Duration = Duration::from_secs(5);
 impl From<&AdmitError> for Status {
     fn from(e: &AdmitError) -> Status {
         let code = match e {
-            AdmitError::StartFailed { .. }
-            | AdmitError::NotReady { .. }
-            | AdmitError::Gone { .. } => Code::Unavailable,
+            AdmitError::StartFailed { .. } | AdmitError::NotReady { .. } | AdmitError::Gone { .. } => Code::Unavailable,
             AdmitError::Draining(_) => Code::Unavailable,
             AdmitError::Exhausted(_) => Code::ResourceExhausted,
             AdmitError::Internal(_) | AdmitError::ClientGone => Code::Internal,
@@ -35,8 +33,8 @@ pub async fn refuse(stream: UnixStream, status: Status) {
         let status = status.clone();
         async move { Ok::<_, std::convert::Infallible>(status.into_http::<Empty<Bytes>>()) }
     });
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(stream), svc);
+    let conn =
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc);
     // A garbage client fails the h2 handshake; that ends it too.
     let _ = tokio::time::timeout(REFUSE_LINGER, conn).await;
 }

@@ -10,31 +10,20 @@ use std::path::Path;
 
 /// chown that says which path failed.
 pub fn chown_path(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
-    chown(path, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(|e| {
-        io::Error::new(
-            io::Error::from(e).kind(),
-            format!("chown {} to {uid}:{gid}: {e}", path.display()),
-        )
-    })
+    chown(path, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
+        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("chown {} to {uid}:{gid}: {e}", path.display())))
 }
 
 pub fn chmod(path: &Path, mode: u32) -> io::Result<()> {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("chmod {:o} {}: {e}", mode, path.display()),
-        )
-    })
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| io::Error::new(e.kind(), format!("chmod {:o} {}: {e}", mode, path.display())))
 }
 
 /// Sends a signal; a process that is already gone is not an error.
 pub fn signal(pid: u32, sig: Signal) -> io::Result<()> {
     match kill(Pid::from_raw(pid as i32), sig) {
         Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
-        Err(e) => Err(io::Error::new(
-            io::Error::from(e).kind(),
-            format!("kill -{sig} {pid}: {e}"),
-        )),
+        Err(e) => Err(io::Error::new(io::Error::from(e).kind(), format!("kill -{sig} {pid}: {e}"))),
     }
 }
 
@@ -42,9 +31,7 @@ pub fn signal(pid: u32, sig: Signal) -> io::Result<()> {
 /// paths and cgroup names, wide enough never to collide on one node.
 pub fn random_id() -> String {
     let mut buf = [0u8; 6];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .expect("/dev/urandom is readable");
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)).expect("/dev/urandom is readable");
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -71,8 +58,7 @@ pub fn check_traversable(path: &Path) -> Result<(), String> {
 /// The filesystem type of `path`, by statfs magic, for the state-dir check.
 pub fn fs_type(path: &Path) -> io::Result<String> {
     use nix::sys::statfs::{
-        statfs, BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, OVERLAYFS_SUPER_MAGIC, TMPFS_MAGIC,
-        XFS_SUPER_MAGIC,
+        statfs, BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, OVERLAYFS_SUPER_MAGIC, TMPFS_MAGIC, XFS_SUPER_MAGIC,
     };
     let t = statfs(path).map_err(io::Error::from)?.filesystem_type();
     Ok(match t {

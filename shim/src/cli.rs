@@ -144,7 +144,10 @@ mod tests {
             Ok(Command::Delete { dir: "/s/i1".into(), proc_root: "/q".into() })
         );
         assert_eq!(p(&["probe-userns"]), Ok(Command::Probe { proc_root: "/proc".into(), overlay: None }));
-        assert_eq!(p(&["probe-userns", "/x"]), Ok(Command::Probe { proc_root: "/proc".into(), overlay: Some("/x".into()) }));
+        assert_eq!(
+            p(&["probe-userns", "/x"]),
+            Ok(Command::Probe { proc_root: "/proc".into(), overlay: Some("/x".into()) })
+        );
         let Ok(Command::Run { dir, .. }) = p(&["run", "rel"]) else { panic!() };
         assert!(dir.is_absolute() && dir.ends_with("rel"));
     }

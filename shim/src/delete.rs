@@ -53,7 +53,7 @@ pub fn delete(dir: &Path, proc_root: &Path) -> Outcome {
             }
         }
     }
-    teardown::finish(&id, spec.as_ref(), dir, proc_root, &mut out);
+    teardown::finish(&id, spec.as_ref(), dir, proc_root, None, &mut out);
     out.duration_ms = started.elapsed().as_millis() as u64;
     crate::log!(id, "deleted in {} ms, {} leftovers", out.duration_ms, out.leftovers.len());
     out

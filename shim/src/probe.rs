@@ -141,7 +141,8 @@ fn child(sync_r: BorrowedFd, rep_w: BorrowedFd, close: [RawFd; 2], overlay: Opti
             );
             mount(Some("overlay"), &dir.join("merged"), Some("overlay"), MsFlags::empty(), Some(opts.as_str()))
                 .map_err(|e| ("mount overlayfs in the user namespace", e))?;
-            fs::write(dir.join("merged/probe"), b"ok").map_err(|e| ("write into overlayfs", Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
+            fs::write(dir.join("merged/probe"), b"ok")
+                .map_err(|e| ("write into overlayfs", Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
         }
         Ok(())
     };
@@ -155,4 +156,3 @@ fn child(sync_r: BorrowedFd, rep_w: BorrowedFd, close: [RawFd; 2], overlay: Opti
     }
     sys::exit_now(0)
 }
-

@@ -7,9 +7,13 @@
 //! instance's cgroup and records its pid, then sends one byte. Only then
 //! does the child become root of its namespace and exec the daemon, so the
 //! daemon never runs unmapped, outside its cgroup, or unrecorded.
+//!
+//! The daemon's stdout and stderr are a pipe the shim copies to daemon.log,
+//! up to the spec's cap (see `output`).
 #![forbid(unsafe_code)]
 
 mod child;
+mod output;
 mod supervise;
 
 use crate::cgroup::{self, CgroupError};
@@ -23,6 +27,7 @@ use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::stat::Mode;
 use nix::unistd::{pipe2, write, Pid};
+use output::Output;
 use std::fs;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -65,6 +70,10 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RunError + '_ {
     move |source| RunError::Io { path: path.to_path_buf(), source }
 }
 
+/// Bound on reading the output pipe to its EOF once the daemon is reaped
+/// (only a write end passed out of its pid namespace outlives it).
+pub const OUTPUT_DRAIN_WAIT: Duration = Duration::from_millis(500);
+
 /// A started daemon: its host pid and the parent's pipe ends.
 struct Started {
     pid: Pid,
@@ -73,6 +82,8 @@ struct Started {
     _sync_w: OwnedFd,
     /// EOF when exec succeeded, the failing step otherwise.
     err_r: OwnedFd,
+    /// The daemon's stdout and stderr, copied to daemon.log.
+    output: Output,
 }
 
 /// Runs the instance in `dir` to its end and returns the outcome to print.
@@ -107,9 +118,9 @@ pub fn run(dir: &Path, proc_root: &Path) -> Outcome {
     // Kept until the daemon is gone (see Started::_sync_w).
     let mut keep = None;
     match sigfd.and_then(|sigfd| start(&spec, dir, proc_root, &mut daemon).map(|s| (sigfd, s))) {
-        Ok((sigfd, s)) => {
+        Ok((sigfd, mut s)) => {
             crate::log!(id, "daemon pid {} started: {} (client {})", s.pid, spec.daemon.display(), spec.client);
-            let end = supervise::watch(id, &sigfd, s.pid, &s.err_r);
+            let end = supervise::watch(id, &sigfd, s.pid, &s.err_r, &mut s.output);
             out.reason = end.reason;
             out.error = end.error;
             status = end.status;
@@ -126,10 +137,20 @@ pub fn run(dir: &Path, proc_root: &Path) -> Outcome {
     }
     crate::log!(id, "ending: {:?}", out.reason);
     if let Some(pid) = daemon {
-        teardown::stop_child(id, pid, grace, status, &mut out);
+        let mut nap = |d| match keep.as_mut() {
+            Some(s) => s.output.wait(d),
+            None => std::thread::sleep(d),
+        };
+        teardown::stop_child(id, pid, grace, status, &mut nap, &mut out);
     }
+    // The daemon and its pid namespace are gone: what they wrote is all in
+    // the pipe. Past the cap, the file's end is not the output's end.
+    let tail = keep.as_mut().and_then(|s| {
+        s.output.drain(OUTPUT_DRAIN_WAIT);
+        s.output.tail()
+    });
     drop(keep);
-    teardown::finish(id, Some(&spec), dir, proc_root, &mut out);
+    teardown::finish(id, Some(&spec), dir, proc_root, tail, &mut out);
     out.duration_ms = started.elapsed().as_millis() as u64;
     crate::log!(id, "done in {} ms, {} leftovers", out.duration_ms, out.leftovers.len());
     out
@@ -157,10 +178,7 @@ fn start(spec: &Spec, dir: &Path, proc_root: &Path, daemon: &mut Option<Pid>) ->
     let stamp = PidStamp::of(proc_root, me).map_err(io_at(&proc_root.join(me.to_string())))?;
     fs::write(&shim_pid, stamp.render()).map_err(io_at(&shim_pid))?;
 
-    let log_path = dir.join(DAEMON_LOG_FILE);
-    let oflags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
-    let log = open(&log_path, oflags, Mode::from_bits_truncate(0o600))
-        .map_err(|errno| RunError::Open { path: log_path.clone(), errno })?;
+    let (output, out_w) = Output::open(&spec.id, &dir.join(DAEMON_LOG_FILE), spec.log_cap_bytes)?;
     let null = open("/dev/null", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|errno| RunError::Open { path: "/dev/null".into(), errno })?;
 
@@ -175,8 +193,8 @@ fn start(spec: &Spec, dir: &Path, proc_root: &Path, daemon: &mut Option<Pid>) ->
         return Err(RunError::Threads { proc: proc_root.join("self/task"), threads });
     }
     let pid = {
-        let fds = [sync_r.as_fd(), err_w.as_fd(), log.as_fd(), null.as_fd()];
-        let plan = child::Plan::new(spec, fds, [sync_w.as_raw_fd(), err_r.as_raw_fd()])?;
+        let fds = [sync_r.as_fd(), err_w.as_fd(), out_w.as_fd(), null.as_fd()];
+        let plan = child::Plan::new(spec, fds, [sync_w.as_raw_fd(), err_r.as_raw_fd(), output.raw_fd()])?;
         let mut stack = vec![0u8; sys::CHILD_STACK];
         sys::clone_child(NS_FLAGS, &mut stack, &mut || child::main(&plan))
             .map_err(|errno| RunError::Sys { what: "clone", errno })?
@@ -184,7 +202,7 @@ fn start(spec: &Spec, dir: &Path, proc_root: &Path, daemon: &mut Option<Pid>) ->
     *daemon = Some(pid);
     // The child has its own copies; ours of its ends must go so that EOF
     // and hangups mean what they should.
-    drop((sync_r, err_w, log, null));
+    drop((sync_r, err_w, out_w, null));
 
     for file in ["uid_map", "gid_map"] {
         let path = proc_root.join(pid.to_string()).join(file);
@@ -199,5 +217,5 @@ fn start(spec: &Spec, dir: &Path, proc_root: &Path, daemon: &mut Option<Pid>) ->
         Ok(_) => return Err(RunError::Child { pid, what: "handshake write", errno: Errno::EIO }),
         Err(errno) => return Err(RunError::Child { pid, what: "handshake write", errno }),
     }
-    Ok(Started { pid, _sync_w: sync_w, err_r })
+    Ok(Started { pid, _sync_w: sync_w, err_r, output })
 }

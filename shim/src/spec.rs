@@ -5,7 +5,8 @@
 //! - `spec.json`   what to run and where; written by the agent before the shim starts
 //! - `shim.pid`    `<pid> <starttime>` of the shim, written by the shim at start
 //! - `daemon.pid`  `<pid> <starttime>` of the daemon (host pid), written by the shim
-//! - `daemon.log`  the daemon's stdout and stderr (root-owned, 0600)
+//! - `daemon.log`  the daemon's stdout and stderr, copied by the shim from a pipe up to
+//!   `log_cap_bytes`, then one note line saying how much was dropped (root-owned, 0600)
 //! - `root/`       the daemon's `--root`, owned by the instance's root (mode 0700)
 //! - `run/`        socket dir and `XDG_RUNTIME_DIR`, owned by the instance's root (0700)
 //! - `home/`       `HOME`, owned by the instance's root (0700)
@@ -31,6 +32,12 @@ pub const SOCKET_NAME: &str = "buildkitd.sock";
 /// Ids mapped per instance: a full range, as buildkit's devpts `gid=5` and
 /// image layers with arbitrary owners need.
 pub const IDS_PER_INSTANCE: u32 = 65536;
+/// `Spec::log_cap_bytes` of a spec that does not name one.
+pub const DEFAULT_LOG_CAP: u64 = 16 << 20;
+
+fn default_log_cap() -> u64 {
+    DEFAULT_LOG_CAP
+}
 
 /// A contiguous host id range mapped to 0..count inside the user namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +113,10 @@ pub struct Spec {
     /// sweep never touches a live agent's instances.
     #[serde(default)]
     pub owner: String,
+    /// Most bytes of the daemon's output kept in daemon.log; the rest is
+    /// counted and dropped (its last bytes still reach `Outcome.stderr_tail`).
+    #[serde(default = "default_log_cap")]
+    pub log_cap_bytes: u64,
 }
 
 impl Spec {
@@ -293,9 +304,19 @@ mod tests {
             client: "uid=0".into(),
             client_key: "uid=0 gid=0".into(),
             owner: "agent-1".into(),
+            log_cap_bytes: 1 << 20,
         };
         spec.store().unwrap();
         assert_eq!(Spec::load(dir.path()).unwrap(), spec);
         assert_eq!(spec.cgroup.dir_of("memory"), Some(Path::new("/sys/fs/cgroup/x")));
+
+        // A spec from before the cap existed loads with the default one.
+        let mut old: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.path().join(SPEC_FILE)).unwrap()).unwrap();
+        assert!(old.as_object_mut().unwrap().remove("log_cap_bytes").is_some());
+        fs::write(dir.path().join(SPEC_FILE), old.to_string()).unwrap();
+        let loaded = Spec::load(dir.path()).unwrap();
+        assert_eq!(loaded.log_cap_bytes, 16 << 20);
+        assert_eq!(loaded, Spec { log_cap_bytes: DEFAULT_LOG_CAP, ..spec });
     }
 }

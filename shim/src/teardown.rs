@@ -51,8 +51,9 @@ pub fn reap(daemon: Option<Pid>) -> Option<WaitStatus> {
     }
 }
 
-/// Waits up to `timeout` for our child `pid` to exit, reaping others too.
-fn wait_child(pid: Pid, timeout: Duration) -> Option<WaitStatus> {
+/// Waits up to `timeout` for our child `pid` to exit, reaping others too;
+/// `wait` spends the time between checks.
+fn wait_child(pid: Pid, timeout: Duration, wait: &mut dyn FnMut(Duration)) -> Option<WaitStatus> {
     let deadline = Instant::now() + timeout;
     let mut nap = Duration::from_millis(1);
     loop {
@@ -62,7 +63,7 @@ fn wait_child(pid: Pid, timeout: Duration) -> Option<WaitStatus> {
         if Instant::now() >= deadline {
             return None;
         }
-        sleep(nap.min(deadline.saturating_duration_since(Instant::now())));
+        wait(nap.min(deadline.saturating_duration_since(Instant::now())));
         nap = (nap * 2).min(Duration::from_millis(20));
     }
 }
@@ -79,17 +80,26 @@ pub fn record_status(st: &WaitStatus, out: &mut Outcome) {
 /// Steps 1 and 2 for our own child: SIGTERM, up to `grace` to exit, then
 /// SIGKILL, which, the daemon being pid 1 of its pid namespace, takes the
 /// whole namespace with it. `status` is the daemon's exit if already seen.
-pub fn stop_child(id: &str, pid: Pid, grace: Duration, status: Option<WaitStatus>, out: &mut Outcome) {
+/// `nap` waits up to the given time between checks (and keeps the daemon's
+/// output pipe drained meanwhile, so that its shutdown never blocks on it).
+pub fn stop_child(
+    id: &str,
+    pid: Pid,
+    grace: Duration,
+    status: Option<WaitStatus>,
+    nap: &mut dyn FnMut(Duration),
+    out: &mut Outcome,
+) {
     let mut status = status.or_else(|| reap(Some(pid)));
     if status.is_none() {
         // A pid-namespace init only gets signals it has a handler for: a
         // daemon without a SIGTERM handler just waits out the grace.
         let _ = kill(pid, Signal::SIGTERM);
-        status = wait_child(pid, grace);
+        status = wait_child(pid, grace, nap);
         if status.is_none() {
             crate::log!(id, "daemon pid {pid} still running {grace:?} after SIGTERM: SIGKILL");
             let _ = kill(pid, Signal::SIGKILL);
-            status = wait_child(pid, KILL_WAIT);
+            status = wait_child(pid, KILL_WAIT, nap);
         }
     }
     match status {
@@ -137,8 +147,7 @@ pub fn kill_stamp(what: &str, stamp: &PidStamp, proc_root: &Path, out: &mut Outc
     true
 }
 
-/// The last [`TAIL_BYTES`] of daemon.log, lossy UTF-8, starting at a line
-/// boundary when the cut fell inside a line that has a successor.
+/// The last [`TAIL_BYTES`] of daemon.log, as [`tail_text`] makes them.
 pub fn log_tail(path: &Path) -> io::Result<String> {
     let mut f = File::open(path)?;
     let len = f.metadata()?.len();
@@ -146,21 +155,29 @@ pub fn log_tail(path: &Path) -> io::Result<String> {
     f.seek(SeekFrom::Start(start))?;
     let mut buf = Vec::with_capacity((len - start) as usize);
     f.take(TAIL_BYTES).read_to_end(&mut buf)?;
+    Ok(tail_text(&buf, start > 0))
+}
+
+/// The last bytes of an output as the outcome shows them: lossy UTF-8,
+/// starting at a line boundary when `cut` (something preceded `buf`) and
+/// the cut fell inside a line that has a successor.
+pub fn tail_text(buf: &[u8], cut: bool) -> String {
     let mut from = 0;
-    if start > 0 {
+    if cut {
         if let Some(nl) = buf.iter().position(|&b| b == b'\n') {
             if nl + 1 < buf.len() {
                 from = nl + 1;
             }
         }
     }
-    Ok(String::from_utf8_lossy(&buf[from..]).trim_end().to_string())
+    String::from_utf8_lossy(&buf[from..]).trim_end().to_string()
 }
 
 /// Steps 3 to 5, once no daemon runs: empty the cgroup and read its usage,
-/// remove it; unmount and wipe the instance dir (keeping the log's tail);
-/// remove the lease. Without a spec only the dir can be cleaned.
-pub fn finish(id: &str, spec: Option<&Spec>, dir: &Path, proc_root: &Path, out: &mut Outcome) {
+/// remove it; unmount and wipe the instance dir (keeping the log's tail, or
+/// `tail` when given: the shim's own copy of the output's end once daemon.log
+/// was capped); remove the lease. Without a spec only the dir can be cleaned.
+pub fn finish(id: &str, spec: Option<&Spec>, dir: &Path, proc_root: &Path, tail: Option<String>, out: &mut Outcome) {
     if let Some(spec) = spec {
         reap(None);
         if let Err(e) = cgroup::kill_all(&spec.cgroup, CGROUP_KILL_WAIT) {
@@ -176,7 +193,7 @@ pub fn finish(id: &str, spec: Option<&Spec>, dir: &Path, proc_root: &Path, out: 
         }
     }
     out.leftovers.extend(mounts::unmount_below(proc_root, dir));
-    match log_tail(&dir.join(DAEMON_LOG_FILE)) {
+    match tail.map_or_else(|| log_tail(&dir.join(DAEMON_LOG_FILE)), Ok) {
         Ok(tail) => out.stderr_tail = tail,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => crate::log!(id, "{}: {e}", dir.join(DAEMON_LOG_FILE).display()),

@@ -75,6 +75,7 @@ fn setup(daemon: &str, args: &[&str]) -> Inst {
         client: "test".into(),
         client_key: "test".into(),
         owner: "test".into(),
+        log_cap_bytes: 16 << 20,
     };
     spec.store().unwrap();
     Inst { _tmp: tmp, dir, spec }
@@ -132,6 +133,24 @@ fn assert_gone(inst: &Inst) {
     assert!(procs.is_empty(), "processes left: {procs:?}");
 }
 
+/// `(fd, link target)` of a process's open fds, sorted by fd number.
+fn fds_of(pid: i32) -> Vec<(String, PathBuf)> {
+    let mut fds: Vec<(String, PathBuf)> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_string_lossy().into_owned(), fs::read_link(e.path()).ok()?)))
+        .collect();
+    fds.sort_by_key(|(fd, _)| fd.parse::<u32>().unwrap_or(u32::MAX));
+    fds
+}
+
+/// The open flags of a process's fd, from `/proc/<pid>/fdinfo/<fd>`.
+fn fd_flags(pid: i32, fd: &str) -> i32 {
+    let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap();
+    let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap();
+    i32::from_str_radix(flags.trim(), 8).unwrap()
+}
+
 fn running(stamp: &PidStamp) -> bool {
     let stat = fs::read_to_string(format!("/proc/{}/stat", stamp.pid)).unwrap_or_default();
     stamp.alive(Path::new("/proc")) && !stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
@@ -180,19 +199,24 @@ fn daemon_runs_mapped_in_its_namespaces_and_lifeline_close_tears_down() {
     assert_eq!(shim.pid as u32, child.id());
     assert!(cgroup::procs(&inst.spec.cgroup).contains(&daemon.pid));
     // The daemon's fds, seen from the host while it waits for its child:
-    // stdin /dev/null, stdout and stderr the log, and nothing else (no
-    // lifeline or handshake pipe leaked in).
-    let log = inst.dir.join(DAEMON_LOG_FILE);
-    let fds: Vec<(String, PathBuf)> = fs::read_dir(format!("/proc/{}/fd", daemon.pid))
-        .unwrap()
-        .flatten()
-        .map(|e| (e.file_name().to_string_lossy().into_owned(), fs::read_link(e.path()).unwrap()))
-        .collect();
-    let mut fds = fds;
-    fds.sort();
-    let want =
-        vec![("0".to_string(), PathBuf::from("/dev/null")), ("1".into(), log.clone()), ("2".into(), log.clone())];
-    assert_eq!(fds, want);
+    // stdin /dev/null, stdout and stderr one pipe (the shim copies it to
+    // daemon.log), and nothing else (no lifeline or handshake pipe leaked in).
+    let fds = fds_of(daemon.pid);
+    assert_eq!(fds.len(), 3, "{fds:?}");
+    assert_eq!(fds[0], ("0".to_string(), PathBuf::from("/dev/null")));
+    let pipe = fds[1].1.clone();
+    assert!(pipe.to_string_lossy().starts_with("pipe:["), "{fds:?}");
+    assert_eq!(fds[1..], [("1".to_string(), pipe.clone()), ("2".to_string(), pipe.clone())]);
+    assert_eq!(fd_flags(daemon.pid, "1") & libc::O_ACCMODE, libc::O_WRONLY);
+    assert_eq!(fd_flags(daemon.pid, "1") & libc::O_NONBLOCK, 0, "the daemon's end stays blocking");
+    // The shim holds the read end only (its copy of the write end is closed,
+    // or the pipe would never reach EOF), non-blocking for its poll loop.
+    let shim_ends: Vec<String> = fds_of(shim.pid).into_iter().filter(|(_, l)| *l == pipe).map(|(fd, _)| fd).collect();
+    assert_eq!(shim_ends.len(), 1, "{shim_ends:?}");
+    let flags = fd_flags(shim.pid, &shim_ends[0]);
+    assert_eq!(flags & libc::O_ACCMODE, libc::O_RDONLY);
+    assert_ne!(flags & libc::O_NONBLOCK, 0);
+    assert!(fs::read_to_string(inst.dir.join(DAEMON_LOG_FILE)).unwrap().contains("hi"));
     let log_mode = fs::metadata(inst.dir.join(DAEMON_LOG_FILE)).unwrap().permissions().mode();
     assert_eq!(log_mode & 0o777, 0o600);
     assert!(!cmdlines_with(&inst.dir.to_string_lossy()).is_empty());
@@ -224,6 +248,81 @@ fn sigterm_stops_a_daemon_that_handles_it_within_the_grace() {
     assert_eq!((out.exit_code, out.signal), (Some(0), None), "{out:?}");
     assert!(out.stderr_tail.contains("hi\nbye"), "{out:?}");
     assert!(out.leftovers.is_empty() && status.success(), "{out:?}");
+    assert_gone(&inst);
+}
+
+#[test]
+fn output_of_a_daemon_stopping_within_the_grace_is_drained_so_it_exits_cleanly() {
+    // Its TERM handler writes 1 MiB, far more than a pipe holds: unless the
+    // shim reads while it waits out the grace, the daemon blocks and is
+    // SIGKILLed instead of exiting 0.
+    let script = r#"trap 'yes bye | head -c 1048576 >&2; echo done >&2; exit 0' TERM; echo hi >&2; while :; do sleep 0.05; done"#;
+    let inst = setup("/bin/sh", &["-c", script]);
+    let child = spawn(&inst);
+    wait_for("hi in daemon.log", || {
+        fs::read_to_string(inst.dir.join(DAEMON_LOG_FILE)).unwrap_or_default().contains("hi")
+    });
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let (out, status) = outcome(child);
+    assert_eq!(out.reason, EndReason::Stopped);
+    assert_eq!((out.exit_code, out.signal), (Some(0), None), "{out:?}");
+    assert!(out.stderr_tail.ends_with("bye\nbye\ndone"), "{out:?}");
+    assert!(out.leftovers.is_empty() && status.success(), "{out:?}");
+    assert_gone(&inst);
+}
+
+/// One line of the chatty daemon's output: 63 characters and a newline, so
+/// that its 3 MiB and the 1 MiB cap are whole lines.
+const LINE: &str = "chatty-daemon-output-0123456789-abcdefghijklmnopqrstuvwxyz-0123";
+
+#[test]
+fn chatty_daemon_output_is_capped_in_the_file_never_blocks_and_its_last_words_reach_the_outcome() {
+    assert_eq!(LINE.len(), 63);
+    let cap: u64 = 1 << 20;
+    let lines = (3u64 << 20) / 64;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let last = format!("last-words-{}-{nanos}", std::process::id());
+    // 3 MiB on stderr, a unique last line, then a marker in its cwd (root/):
+    // the marker only appears if nothing blocked the daemon on the way.
+    let script = format!("yes {LINE} | head -n {lines} >&2; echo {last} >&2; touch written; sleep 1000");
+    let mut inst = setup("/bin/sh", &["-c", &script]);
+    inst.spec.log_cap_bytes = cap;
+    inst.spec.store().unwrap();
+    let mut child = spawn(&inst);
+    let log = inst.dir.join(DAEMON_LOG_FILE);
+    let marker = inst.dir.join("root/written");
+    let max_note = format!("\nberth-shim: daemon.log capped at {cap} bytes; {} bytes dropped\n", u64::MAX).len() as u64;
+    let mut samples = 0;
+    wait_for("the daemon to write all its output and go on", || {
+        let size = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        assert!(size <= cap + max_note, "daemon.log has {size} bytes while the daemon writes (cap {cap})");
+        samples += 1;
+        marker.exists()
+    });
+    let daemon = PidStamp::load(&inst.dir.join(DAEMON_PID_FILE)).unwrap();
+    assert!(running(&daemon), "the daemon went on to its sleep");
+
+    // The shim keeps draining while the instance runs: the one note line
+    // soon counts every byte past the cap, and the file is the output's
+    // first `cap` bytes (whole lines here, so the note needs no newline).
+    let dropped = 3u64 * (1 << 20) + last.len() as u64 + 1 - cap;
+    let note = format!("berth-shim: daemon.log capped at {cap} bytes; {dropped} bytes dropped\n");
+    wait_for("the note to count every dropped byte", || fs::read(&log).unwrap().ends_with(note.as_bytes()));
+    let content = fs::read(&log).unwrap();
+    assert_eq!(content.len() as u64, cap + note.len() as u64, "{samples} samples");
+    let line = format!("{LINE}\n");
+    assert!(content[..cap as usize].chunks(64).all(|l| l == line.as_bytes()));
+
+    drop(child.stdin.take());
+    let (out, status) = outcome(child);
+    assert_eq!(out.reason, EndReason::ParentGone);
+    let tail = &out.stderr_tail;
+    // The daemon's last words, not the file's end (the note), in whole lines.
+    assert!(tail.ends_with(&format!("{LINE}\n{last}")), "tail ends with {:?}", &tail[tail.len().saturating_sub(200)..]);
+    assert!(tail.len() <= 4096 && tail.len() > 4096 - 64, "{}", tail.len());
+    assert!(tail.lines().all(|l| l == LINE || l == last), "{tail:.200}");
+    assert!(out.leftovers.is_empty() && out.error.is_none() && status.success(), "{out:?}");
+    assert!(!running(&daemon));
     assert_gone(&inst);
 }
 

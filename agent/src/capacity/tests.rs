@@ -19,7 +19,13 @@ fn memory_binds_on_a_small_memory_node() {
 #[test]
 fn cpu_binds_on_odd_shapes_and_rounds_down() {
     // 7.5 CPUs usable over 2 per build = 3 slots, 1.5 CPUs spare.
-    let p = plan(Shape { memory: 64 * GI, millicpus: 7750 }, Shape { memory: GI, millicpus: 250 }, shape(2, 2000), MaxBuilds::Auto, None);
+    let p = plan(
+        Shape { memory: 64 * GI, millicpus: 7750 },
+        Shape { memory: GI, millicpus: 250 },
+        shape(2, 2000),
+        MaxBuilds::Auto,
+        None,
+    );
     assert_eq!(p.slots, 3);
     assert_eq!(p.binding, Binding::Cpu);
     assert_eq!(p.headroom.millicpus, 1500);

@@ -17,11 +17,7 @@ impl Host {
         fs::create_dir_all(p.join("proc/sys/user")).unwrap();
         fs::create_dir_all(p.join("proc/self")).unwrap();
         fs::write(p.join("proc/sys/user/max_user_namespaces"), "15000\n").unwrap();
-        fs::write(
-            p.join("proc/self/mountinfo"),
-            "22 1 0:21 / /proc rw - proc proc rw\n",
-        )
-        .unwrap();
+        fs::write(p.join("proc/self/mountinfo"), "22 1 0:21 / /proc rw - proc proc rw\n").unwrap();
         fs::write(p.join("proc/self/cgroup"), "0::/agent\n").unwrap();
         fs::create_dir_all(p.join("cg/agent")).unwrap();
         fs::write(p.join("cg/cgroup.controllers"), "cpu memory pids\n").unwrap();
@@ -35,12 +31,9 @@ impl Host {
     }
     fn args(&self, extra: &[&str]) -> CheckArgs {
         let mut argv = vec!["berth-agent".to_string(), "check".into()];
-        for (k, v) in [
-            ("--proc-root", "proc"),
-            ("--cgroup-root", "cg"),
-            ("--etc-root", "etc"),
-            ("--state-dir", "state"),
-        ] {
+        for (k, v) in
+            [("--proc-root", "proc"), ("--cgroup-root", "cg"), ("--etc-root", "etc"), ("--state-dir", "state")]
+        {
             argv.push(k.into());
             argv.push(self.p(v));
         }
@@ -52,10 +45,7 @@ impl Host {
         }
     }
     fn item(&self, name: &str, extra: &[&str]) -> Item {
-        run_checks(&self.args(extra))
-            .into_iter()
-            .find(|i| i.name == name)
-            .unwrap()
+        run_checks(&self.args(extra)).into_iter().find(|i| i.name == name).unwrap()
     }
 }
 
@@ -94,11 +84,7 @@ fn masked_proc_is_detected() {
 #[test]
 fn pool_over_host_ids_fails_and_subuid_overlap_warns() {
     let h = Host::new();
-    fs::write(
-        h.p("etc/passwd"),
-        "root:x:0:0::/root:/bin/sh\nci:x:1100000:1100000::/:/bin/sh\n",
-    )
-    .unwrap();
+    fs::write(h.p("etc/passwd"), "root:x:0:0::/root:/bin/sh\nci:x:1100000:1100000::/:/bin/sh\n").unwrap();
     let i = h.item("id-map pool", &[]);
     assert_eq!(i.level, Level::Fail, "{i}");
     assert!(i.detail.contains("1100000"));

@@ -6,14 +6,10 @@
 /// suffixes are accepted, as in a Kubernetes resource quantity.
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, suffix) = s.split_at(split);
     if num.is_empty() {
-        return Err(format!(
-            "{s:?} is not a size: expected a number with an optional suffix, like 512Mi or 4Gi"
-        ));
+        return Err(format!("{s:?} is not a size: expected a number with an optional suffix, like 512Mi or 4Gi"));
     }
     let mult: u64 = match suffix {
         "" => 1,
@@ -50,9 +46,7 @@ pub fn parse_millicpus(s: &str) -> Result<u64, String> {
         Some(n) => (n, 1.0),
         None => (s, 1000.0),
     };
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a CPU amount: use 2, 0.5 or 500m"))?;
+    let value: f64 = num.parse().map_err(|_| format!("{s:?} is not a CPU amount: use 2, 0.5 or 500m"))?;
     let millis = (value * scale).round();
     if !(millis >= 1.0) || !millis.is_finite() {
         return Err(format!("{s:?} is not a positive CPU amount (at least 1m)"));
@@ -70,12 +64,7 @@ pub fn parse_millicpus_or_zero(s: &str) -> Result<u64, String> {
 
 /// Renders bytes the way they were most likely written (`2Gi`, `512Mi`).
 pub fn format_bytes(b: u64) -> String {
-    for (unit, size) in [
-        ("Ti", 1u64 << 40),
-        ("Gi", 1 << 30),
-        ("Mi", 1 << 20),
-        ("Ki", 1 << 10),
-    ] {
+    for (unit, size) in [("Ti", 1u64 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
         if b >= size && b % size == 0 {
             return format!("{}{unit}", b / size);
         }
@@ -97,9 +86,7 @@ mod tests {
         assert_eq!(parse_bytes("1.5Gi").unwrap(), 3 << 29);
         assert_eq!(parse_bytes("1G").unwrap(), 1_000_000_000);
         assert_eq!(parse_bytes("1000").unwrap(), 1000);
-        assert!(parse_bytes("4GB")
-            .unwrap_err()
-            .contains("unknown size suffix"));
+        assert!(parse_bytes("4GB").unwrap_err().contains("unknown size suffix"));
         assert!(parse_bytes("Gi").is_err());
         assert!(parse_bytes("").is_err());
         assert!(parse_bytes("1.2.3Mi").is_err());

@@ -13,7 +13,10 @@ pub struct Identity(pub Arc<Csi>);
 
 #[tonic::async_trait]
 impl identity_server::Identity for Identity {
-    async fn get_plugin_info(&self, _: Request<GetPluginInfoRequest>) -> Result<Response<GetPluginInfoResponse>, Status> {
+    async fn get_plugin_info(
+        &self,
+        _: Request<GetPluginInfoRequest>,
+    ) -> Result<Response<GetPluginInfoResponse>, Status> {
         Ok(Response::new(GetPluginInfoResponse {
             name: self.0.ctx.run.csi_driver_name.clone(),
             vendor_version: env!("CARGO_PKG_VERSION").to_string(),

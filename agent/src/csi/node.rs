@@ -5,9 +5,9 @@
 use super::target::{self, Pod};
 use super::{Csi, Publication, SOCKET};
 use crate::proto::csi_v1::{
-    node_server, volume_capability, NodeGetCapabilitiesRequest, NodeGetCapabilitiesResponse,
-    NodeGetInfoRequest, NodeGetInfoResponse, NodePublishVolumeRequest, NodePublishVolumeResponse,
-    NodeServiceCapability, NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse, Topology,
+    node_server, volume_capability, NodeGetCapabilitiesRequest, NodeGetCapabilitiesResponse, NodeGetInfoRequest,
+    NodeGetInfoResponse, NodePublishVolumeRequest, NodePublishVolumeResponse, NodeServiceCapability,
+    NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse, Topology,
 };
 use crate::sys;
 use std::sync::Arc;
@@ -122,7 +122,9 @@ impl node_server::Node for Node {
             match res {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Status::internal(format!("cleanup of volume {vol} under {}: {e}", dir.display()))),
+                Err(e) => {
+                    return Err(Status::internal(format!("cleanup of volume {vol} under {}: {e}", dir.display())))
+                }
             }
         }
         info!(volume = %vol, target = %target.display(), known = record.is_some(), "volume unpublished");

@@ -63,6 +63,7 @@ mod tests {
             client: "c".into(),
             client_key: "c".into(),
             owner: "o".into(),
+            log_cap_bytes: 16 << 20,
         };
         let text = render(&spec, 1500, 10 << 30);
         let t: Table = toml::from_str(&text).unwrap();

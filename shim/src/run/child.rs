@@ -43,13 +43,14 @@ pub(super) struct Plan<'a> {
     /// Write end of the error pipe: closed by exec (CLOEXEC) on success,
     /// carries the failing step otherwise.
     pub err_w: BorrowedFd<'a>,
-    /// daemon.log, becomes stdout and stderr.
-    pub log: BorrowedFd<'a>,
+    /// Write end of the output pipe the shim copies to daemon.log, becomes
+    /// stdout and stderr.
+    pub out: BorrowedFd<'a>,
     /// /dev/null, becomes stdin.
     pub null: BorrowedFd<'a>,
-    /// The parent's ends of both pipes, which the child must close: the
+    /// The parent's ends of the three pipes, which the child must close: the
     /// handshake's write end above all, or the child never sees EOF.
-    pub close: [RawFd; 2],
+    pub close: [RawFd; 3],
 }
 
 fn cstr(field: &'static str, s: &[u8]) -> Result<CString, RunError> {
@@ -57,7 +58,7 @@ fn cstr(field: &'static str, s: &[u8]) -> Result<CString, RunError> {
 }
 
 impl<'a> Plan<'a> {
-    pub fn new(spec: &Spec, fds: [BorrowedFd<'a>; 4], close: [RawFd; 2]) -> Result<Plan<'a>, RunError> {
+    pub fn new(spec: &Spec, fds: [BorrowedFd<'a>; 4], close: [RawFd; 3]) -> Result<Plan<'a>, RunError> {
         let daemon = cstr("daemon", spec.daemon.as_os_str().as_bytes())?;
         let mut argv = vec![daemon.clone()];
         for a in &spec.args {
@@ -71,8 +72,8 @@ impl<'a> Plan<'a> {
             envp.push(cstr("env", format!("{k}={v}").as_bytes())?);
         }
         let root = cstr("dir", spec.root_dir().as_os_str().as_bytes())?;
-        let [sync_r, err_w, log, null] = fds;
-        Ok(Plan { daemon, argv, envp, hostname: spec.hostname.clone(), root, sync_r, err_w, log, null, close })
+        let [sync_r, err_w, out, null] = fds;
+        Ok(Plan { daemon, argv, envp, hostname: spec.hostname.clone(), root, sync_r, err_w, out, null, close })
     }
 }
 
@@ -132,8 +133,8 @@ fn setup(plan: &Plan) -> Result<(), Step> {
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(Some("proc"), "/proc", Some("proc"), flags, None::<&str>).map_err(at("mount proc on /proc"))?;
     dup2_stdin(plan.null).map_err(at("dup2 /dev/null to stdin"))?;
-    dup2_stdout(plan.log).map_err(at("dup2 daemon.log to stdout"))?;
-    dup2_stderr(plan.log).map_err(at("dup2 daemon.log to stderr"))?;
+    dup2_stdout(plan.out).map_err(at("dup2 the output pipe to stdout"))?;
+    dup2_stderr(plan.out).map_err(at("dup2 the output pipe to stderr"))?;
     chdir(plan.root.as_c_str()).map_err(at("chdir to the root dir"))?;
     // The shim's lifeline (fd 0) and outcome pipe (fd 1) were replaced
     // above; anything else it holds must not reach the daemon either.
@@ -141,8 +142,8 @@ fn setup(plan: &Plan) -> Result<(), Step> {
     Ok(())
 }
 
-/// Writes `<parts>: <ERRNO>: <description>` to daemon.log and to the error
-/// pipe, from a stack buffer.
+/// Writes `<parts>: <ERRNO>: <description>` to the output pipe (daemon.log)
+/// and to the error pipe, from a stack buffer.
 fn report(plan: &Plan, parts: &[&[u8]], errno: Errno) {
     let mut buf = [0u8; 1024];
     let len = {
@@ -153,6 +154,6 @@ fn report(plan: &Plan, parts: &[&[u8]], errno: Errno) {
         let _ = writeln!(cur, ": {errno:?}: {}", errno.desc());
         cur.position() as usize
     };
-    let _ = write(plan.log, &buf[..len]);
+    let _ = write(plan.out, &buf[..len]);
     let _ = write(plan.err_w, &buf[..len]);
 }

@@ -1,8 +1,10 @@
 //! The shim's main loop while the daemon runs: one poll(2) over a signalfd
-//! (SIGCHLD, SIGTERM, SIGINT, SIGHUP), the agent's lifeline on stdin, and
-//! the child's exec-error pipe until exec has happened.
+//! (SIGCHLD, SIGTERM, SIGINT, SIGHUP), the agent's lifeline on stdin, the
+//! child's exec-error pipe until exec has happened, and the daemon's output
+//! pipe until its EOF.
 #![forbid(unsafe_code)]
 
+use super::output::Output;
 use crate::spec::EndReason;
 use crate::teardown;
 use nix::errno::Errno;
@@ -49,7 +51,7 @@ fn setup_error(msg: &[u8]) -> Option<String> {
 
 /// Runs until the daemon exits, the shim is told to stop, or the agent is
 /// gone.
-pub(super) fn watch(id: &str, sigfd: &SignalFd, pid: Pid, err_r: &OwnedFd) -> End {
+pub(super) fn watch(id: &str, sigfd: &SignalFd, pid: Pid, err_r: &OwnedFd, output: &mut Output) -> End {
     let stdin = std::io::stdin();
     let mut exec_pending = true;
     let mut msg = Vec::new();
@@ -57,9 +59,12 @@ pub(super) fn watch(id: &str, sigfd: &SignalFd, pid: Pid, err_r: &OwnedFd) -> En
     loop {
         let mut fds =
             vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN), PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
-        if exec_pending {
-            fds.push(PollFd::new(err_r.as_fd(), PollFlags::POLLIN));
-        }
+        let mut add = |fd| {
+            fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            fds.len() - 1
+        };
+        let err_at = exec_pending.then(|| add(err_r.as_fd()));
+        let out_at = output.fd().map(add);
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(errno) => {
@@ -67,9 +72,15 @@ pub(super) fn watch(id: &str, sigfd: &SignalFd, pid: Pid, err_r: &OwnedFd) -> En
             }
         }
         let ready = |i: Option<usize>| i.and_then(|i| fds[i].revents()).is_some_and(|r| !r.is_empty());
-        let (sig_ready, stdin_ready, err_ready) = (ready(Some(0)), ready(Some(1)), ready(exec_pending.then_some(2)));
+        let (sig_ready, stdin_ready, err_ready, out_ready) =
+            (ready(Some(0)), ready(Some(1)), ready(err_at), ready(out_at));
         drop(fds);
 
+        // First, so the daemon is never kept waiting on a full pipe (EOF or
+        // not, the rest is drained at the teardown).
+        if out_ready {
+            output.pump();
+        }
         if err_ready && drain(err_r.as_fd(), &mut msg) {
             exec_pending = false;
             match setup_error(&msg) {
