@@ -5,6 +5,8 @@
 //! See docs/troubleshooting.md for each class.
 #![forbid(unsafe_code)]
 
+const RUNC: &str = "runc is missing: buildkit runs build steps with runc >= 1.1 (crun is not accepted); install runc or use the berth image, which ships buildkit-runc";
+
 struct Hint {
     /// All of these must appear (case-insensitive) in the stderr tail.
     all: &'static [&'static str],
@@ -13,12 +15,20 @@ struct Hint {
 
 const HINTS: &[Hint] = &[
     Hint {
-        all: &["runc", "executable file not found"],
-        text: "runc is missing: buildkit runs build steps with runc >= 1.1 (crun is not accepted); install runc or use the berth image, which ships buildkit-runc",
+        all: &["failed to find", "runc binary"],
+        text: RUNC,
     },
     Hint {
-        all: &["runc", "no such file or directory"],
-        text: "runc is missing: buildkit runs build steps with runc >= 1.1 (crun is not accepted); install runc or use the berth image, which ships buildkit-runc",
+        all: &["runc does not exist"],
+        text: RUNC,
+    },
+    Hint {
+        all: &["no worker found"],
+        text: "buildkitd found no worker to run builds with, usually because runc is missing; install runc >= 1.1 or use the berth image, which ships buildkit-runc",
+    },
+    Hint {
+        all: &["\"runc\": executable file not found"],
+        text: RUNC,
     },
     Hint {
         all: &["security.selinux"],
@@ -63,8 +73,12 @@ mod tests {
 
     #[test]
     fn known_classes_get_plain_words() {
-        let runc = r#"error: failed to solve: exec: "runc": executable file not found in $PATH"#;
-        assert!(for_stderr(runc).contains("runc is missing"));
+        // Seen from buildkitd v0.32 with a missing worker binary.
+        assert!(for_stderr("buildkitd: failed to find /nonexistent/runc binary").contains("runc is missing"));
+        assert!(for_stderr("level=warning msg=\"skipping oci worker, as runc does not exist\"\nbuildkitd: no worker found, rebuild the buildkit daemon?").contains("runc"));
+        // Every buildkitd start prints these; they are no runc problem.
+        let noise = "CDI setup error /etc/cdi: open /etc/cdi: no such file or directory\nfailed check for fsverity support on /x/runc-overlayfs: operation not supported";
+        assert_eq!(for_stderr(noise), "");
         let selinux = "failed to copy: lsetxattr /var/lib/x security.selinux: operation not supported";
         assert!(for_stderr(selinux).contains("SELinux"));
         let port = "httpd: bind: Permission denied";

@@ -43,6 +43,8 @@ pub struct Swept {
     pub skipped: usize,
     pub leases: usize,
     pub cgroups: usize,
+    /// Instance-like cgroups with processes that no instance dir names.
+    pub foreign: usize,
     pub failures: usize,
 }
 
@@ -96,10 +98,19 @@ pub async fn sweep(ctx: &Ctx) -> Swept {
         if !ours || ctx.instances_dir().join(&id).exists() {
             continue;
         }
+        // No instance dir of ours names it. Every instance dir is written
+        // before its cgroup, so this is either a leftover whose dir is gone
+        // or the live instance of another agent sharing the cgroup parent
+        // (with another state dir). Only an empty one is ours to remove:
+        // processes in it are never killed on a guess.
         let spec = berth_shim::spec::CgroupSpec { version: ctx.layout.version, dirs: vec![("any".into(), cg.clone())] };
-        let res = berth_shim::cgroup::kill_all(&spec, Duration::from_secs(5))
-            .and_then(|_| berth_shim::cgroup::remove_dir(&cg, Duration::from_secs(5)));
-        match res {
+        let procs = berth_shim::cgroup::procs(&spec);
+        if !procs.is_empty() {
+            warn!(cgroup = %cg.display(), ?procs, "cgroup named like a berth instance but unknown to this state dir, with processes: left alone (another agent's?)");
+            swept.foreign += 1;
+            continue;
+        }
+        match berth_shim::cgroup::remove_dir(&cg, Duration::from_secs(2)) {
             Ok(()) => swept.cgroups += 1,
             Err(e) => {
                 error!(cgroup = %cg.display(), error = %e, "cannot remove stale cgroup");
@@ -113,6 +124,7 @@ pub async fn sweep(ctx: &Ctx) -> Swept {
         skipped = swept.skipped,
         leases = swept.leases,
         cgroups = swept.cgroups,
+        foreign = swept.foreign,
         failures = swept.failures,
         "start-up sweep done"
     );

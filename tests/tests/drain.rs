@@ -184,3 +184,26 @@ fn readyz_goes_unready_while_draining() {
     assert_eq!(finish(stream, WAIT)["ok"], true);
     assert!(agent.wait_exit(WAIT).unwrap().success());
 }
+
+#[test]
+fn a_second_agent_with_another_state_dir_never_kills_the_firsts_instances() {
+    // Both agents nest instances under one cgroup parent but keep separate
+    // state dirs: the second one's sweep must not take the first one's
+    // live instance for a leftover.
+    let shared = format!("berth-test/shared-{}", std::process::id());
+    let first = agent("sweep-foreign-a", &["--cgroup-parent", &shared, "--idle-timeout", "5s"]).start();
+    let before = ping_as(first.socket(), 2501);
+    assert!(before.get("error").is_none(), "{before}");
+    let second = agent("sweep-foreign-b", &["--cgroup-parent", &shared]).start();
+    let sweep = second.wait_log(|v| v["message"] == "start-up sweep done", WAIT).unwrap();
+    assert!(sweep["foreign"].as_u64().unwrap() >= 1, "one per controller hierarchy: {sweep}");
+    assert_eq!(sweep["cgroups"], 0, "{sweep}");
+    let after = ping_as(first.socket(), 2501);
+    assert_eq!(after["token"], before["token"], "the first agent's instance was killed: {after}");
+    drop(second);
+    first.sigterm();
+    first.wait_exit(WAIT);
+    let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/memory/{shared}"));
+    let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/cpu/{shared}"));
+    let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/pids/{shared}"));
+}
