@@ -75,6 +75,9 @@ pub async fn admit(ctx: &Arc<Ctx>, client: &Client, stream: &UnixStream) -> Resu
     let instance = match attach(ctx, client, None)? {
         Some(i) => i,
         None => {
+            if let Some(e) = recent_failure(ctx, client) {
+                return Err(e);
+            }
             let permit = wait_slot(ctx, stream).await?;
             attach(ctx, client, Some(permit))?.expect("attach with a permit always yields an instance")
         }
@@ -187,4 +190,26 @@ impl Drop for QueueGuard {
     fn drop(&mut self) {
         self.0.queued.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// The client's last start failure, if it is younger than the backoff: a
+/// daemon that failed a second ago will fail again, and clients that retry
+/// in a loop (buildx's bootstrap polls for 20 s) should not start one
+/// instance per retry.
+fn recent_failure(ctx: &Ctx, client: &Client) -> Option<AdmitError> {
+    let backoff = ctx.run.start_failure_backoff;
+    let failures = ctx.failures.lock().expect("failures");
+    let (at, e) = failures.get(&client.key)?;
+    (at.elapsed() < backoff).then(|| e.clone())
+}
+
+/// Records a start failure for the backoff; forgets stale ones.
+pub fn remember_failure(ctx: &Ctx, client: &Client, e: &AdmitError) {
+    let backoff = ctx.run.start_failure_backoff;
+    if backoff.is_zero() {
+        return;
+    }
+    let mut failures = ctx.failures.lock().expect("failures");
+    failures.retain(|_, (at, _)| at.elapsed() < backoff);
+    failures.insert(client.key.clone(), (std::time::Instant::now(), e.clone()));
 }

@@ -214,6 +214,10 @@ pub struct RunArgs {
     /// How long a new instance may take to answer on its socket.
     #[arg(long, env = "BERTH_START_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub start_timeout: Duration,
+    /// After a client's instance fails to start, its new connections get the
+    /// same error at once for this long instead of a new start (0: off).
+    #[arg(long, env = "BERTH_START_FAILURE_BACKOFF", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub start_failure_backoff: Duration,
     /// An instance with no connection for this long is reaped and wiped.
     #[arg(long, env = "BERTH_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,

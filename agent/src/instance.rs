@@ -149,6 +149,9 @@ async fn run_life(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> &'static str {
         Ok(shim) => shim,
         Err(e) => {
             warn!(error = %e, "instance could not be created");
+            if !inst.warm {
+                crate::admit::remember_failure(&ctx, &inst.client(), &e);
+            }
             unregister(&ctx, &inst, true);
             inst.phase.send_replace(Phase::Failed(e));
             return "error";
@@ -163,6 +166,9 @@ async fn run_life(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> &'static str {
             inst.phase.send_replace(Phase::Ready);
         }
         Err((e, outcome)) => {
+            if !inst.warm {
+                crate::admit::remember_failure(&ctx, &inst.client(), &e);
+            }
             unregister(&ctx, &inst, true);
             inst.phase.send_replace(Phase::Failed(e.clone()));
             if inst.warm {

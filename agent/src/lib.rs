@@ -69,6 +69,9 @@ pub struct Ctx {
     pub warm: Mutex<std::collections::VecDeque<Arc<Instance>>>,
     /// Until when the warm pool rests after a failed start.
     pub warm_backoff: Mutex<Option<std::time::Instant>>,
+    /// Recent start failures by client key, answered from here for
+    /// `--start-failure-backoff` (clients such as buildx retry in a loop).
+    pub failures: Mutex<HashMap<String, (std::time::Instant, admit::AdmitError)>>,
     /// This agent's ownership lock; instances record its id.
     pub owner: owner::Owner,
 }

@@ -139,6 +139,7 @@ pub async fn run(args: RunArgs) -> Result<(), ServeError> {
         slots_total,
         queued: std::sync::atomic::AtomicUsize::new(0),
         warm: Mutex::new(Default::default()),
+        failures: Mutex::new(HashMap::new()),
         warm_backoff: Mutex::new(None),
         owner: crate::owner::Owner::acquire(&args.host.state_dir)
             .map_err(|e| ServeError::StateDir(format!("agent lock: {e}")))?,

@@ -92,3 +92,38 @@ fn two_instances_share_no_runtime_path() {
         assert!(!cfg.contains("tcp://"));
     }
 }
+
+#[test]
+fn a_failing_daemon_is_not_restarted_for_every_retry() {
+    let agent = Agent::builder("bk-backoff")
+        .args(["--max-builds", "2", "--start-failure-backoff", "30s"])
+        .daemon_arg("--fail-start=bk-backoff-broken-config")
+        .start();
+    for _ in 0..4 {
+        let p = json(run(&agent, 0, &["info"]));
+        assert_eq!(p["error"]["code"], "Unavailable", "{p}");
+        assert!(p["error"]["message"].as_str().unwrap().contains("bk-backoff-broken-config"), "{p}");
+    }
+    // The end line is logged just after the refusal; give it a moment.
+    let t0 = Instant::now();
+    while agent.instance_ends().is_empty() && t0.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let ends = agent.instance_ends();
+    assert_eq!(ends.len(), 1, "one start for four retries: {ends:?}");
+    assert_eq!(ends[0]["reason"], "error");
+    // With the backoff off, every retry is a new start.
+    let other = Agent::builder("bk-backoff-off")
+        .args(["--max-builds", "2", "--start-failure-backoff", "0s"])
+        .daemon_arg("--fail-start=x")
+        .start();
+    for _ in 0..2 {
+        assert_eq!(json(run(&other, 0, &["info"]))["error"]["code"], "Unavailable");
+    }
+    let t0 = Instant::now();
+    while other.instance_ends().len() < 2 && t0.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(other.instance_ends().len(), 2, "with the backoff off, every retry starts anew");
+}
