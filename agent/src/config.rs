@@ -175,6 +175,17 @@ pub enum Scope {
     Connection,
 }
 
+/// The network build steps see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BuildNetwork {
+    /// The node's network (rootless buildkit's default): builds can fetch
+    /// packages, and can also reach anything the node can.
+    Host,
+    /// A network namespace of the instance's own with only loopback:
+    /// offline builds, nothing of the node reachable.
+    None,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -227,6 +238,9 @@ pub struct RunArgs {
     /// Grace between SIGTERM and SIGKILL of a daemon.
     #[arg(long, env = "BERTH_STOP_GRACE", default_value = "2s", value_parser = humantime::parse_duration)]
     pub stop_grace: Duration,
+    /// The network of build steps: host (the node's) or none (loopback only).
+    #[arg(long, env = "BERTH_BUILD_NETWORK", value_enum, default_value_t = BuildNetwork::Host)]
+    pub build_network: BuildNetwork,
     /// What shares an instance.
     #[arg(long, env = "BERTH_SCOPE", value_enum, default_value_t = Scope::Client)]
     pub scope: Scope,

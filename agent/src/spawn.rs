@@ -48,6 +48,7 @@ pub async fn start(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, AdmitEr
         client: inst.client().display,
         client_key: inst.client().key,
         owner: ctx.owner.id.clone(),
+        isolate_network: ctx.run.build_network == crate::config::BuildNetwork::None,
         log_cap_bytes: ctx.run.daemon_log_cap,
     };
     let config = buildkitd::render(&spec, ctx.run.limits.build_cpus, ctx.run.limits.build_disk);

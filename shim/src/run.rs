@@ -36,8 +36,9 @@ use std::time::{Duration, Instant};
 
 pub use child::{EXIT_EXEC, EXIT_SETUP};
 
-/// The daemon's namespaces. No network namespace: the daemon serves on a
-/// unix socket in `run/` and builds need the host's network.
+/// The daemon's namespaces. A network namespace only with
+/// `Spec::isolate_network`: the daemon serves on a unix socket in `run/`,
+/// and builds usually need the node's network to fetch anything.
 pub const NS_FLAGS: CloneFlags = CloneFlags::CLONE_NEWUSER
     .union(CloneFlags::CLONE_NEWNS)
     .union(CloneFlags::CLONE_NEWPID)
@@ -196,7 +197,8 @@ fn start(spec: &Spec, dir: &Path, proc_root: &Path, daemon: &mut Option<Pid>) ->
         let fds = [sync_r.as_fd(), err_w.as_fd(), out_w.as_fd(), null.as_fd()];
         let plan = child::Plan::new(spec, fds, [sync_w.as_raw_fd(), err_r.as_raw_fd(), output.raw_fd()])?;
         let mut stack = vec![0u8; sys::CHILD_STACK];
-        sys::clone_child(NS_FLAGS, &mut stack, &mut || child::main(&plan))
+        let flags = if spec.isolate_network { NS_FLAGS | CloneFlags::CLONE_NEWNET } else { NS_FLAGS };
+        sys::clone_child(flags, &mut stack, &mut || child::main(&plan))
             .map_err(|errno| RunError::Sys { what: "clone", errno })?
     };
     *daemon = Some(pid);

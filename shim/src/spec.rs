@@ -108,6 +108,11 @@ pub struct Spec {
     /// another agent on the node can find a client's instance from files.
     #[serde(default)]
     pub client_key: String,
+    /// Give the daemon its own network namespace with only loopback (up):
+    /// offline builds that cannot reach the node's network. Off, builds use
+    /// the node's network, as rootless buildkit does by default.
+    #[serde(default)]
+    pub isolate_network: bool,
     /// Id of the agent that owns the instance; its lock file
     /// `<state>/agents/<owner>.lock` is held while that agent lives, so a
     /// sweep never touches a live agent's instances.
@@ -304,6 +309,7 @@ mod tests {
             client: "uid=0".into(),
             client_key: "uid=0 gid=0".into(),
             owner: "agent-1".into(),
+            isolate_network: false,
             log_cap_bytes: 1 << 20,
         };
         spec.store().unwrap();

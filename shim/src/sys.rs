@@ -109,3 +109,30 @@ pub fn reset_signals() {
     }
     let _ = nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
 }
+
+/// Sets IFF_UP on `lo` of the calling process's network namespace, as
+/// `ip link set lo up` does: SIOCGIFFLAGS, then SIOCSIFFLAGS. nix has no
+/// safe wrapper for these ioctls.
+pub fn loopback_up() -> Result<(), Errno> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsRawFd;
+    let sock = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    // SAFETY: `ifreq` is plain old data (a name array and a union of plain
+    // fields), for which all-zero bytes are a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: `sock` is an open socket we own, and `req` is a valid, writable
+    // ifreq that outlives the call; SIOCGIFFLAGS writes only `ifru_flags`.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) } < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel just filled `ifru_flags`, the union's active field.
+    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: as above; SIOCSIFFLAGS only reads `req`.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) } < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}

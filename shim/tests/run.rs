@@ -75,6 +75,7 @@ fn setup(daemon: &str, args: &[&str]) -> Inst {
         client: "test".into(),
         client_key: "test".into(),
         owner: "test".into(),
+        isolate_network: false,
         log_cap_bytes: 16 << 20,
     };
     spec.store().unwrap();
@@ -448,4 +449,30 @@ fn bad_usage_exits_2_with_usage() {
         assert_eq!(res.status.code(), Some(2), "{args:?}");
         assert!(String::from_utf8_lossy(&res.stderr).contains("usage: berth-shim run"), "{args:?}");
     }
+}
+
+#[test]
+fn isolated_network_has_only_loopback_and_it_is_up() {
+    let script = "readlink /proc/self/ns/net > net; ip -o link show > links; echo done > marker; exec sleep 1000";
+    let mut inst = setup("/bin/sh", &["-c", script]);
+    inst.spec.isolate_network = true;
+    inst.spec.stop_grace_ms = 100;
+    inst.spec.store().unwrap();
+    let child = spawn(&inst);
+    read_when_there(&inst.dir.join("root/marker"));
+    let net = fs::read_to_string(inst.dir.join("root/net")).unwrap();
+    let host = fs::read_link("/proc/self/ns/net").unwrap();
+    assert_ne!(net.trim(), host.to_string_lossy(), "the daemon got its own network namespace");
+    let links = fs::read_to_string(inst.dir.join("root/links")).unwrap();
+    assert_eq!(links.lines().count(), 1, "only loopback: {links}");
+    assert!(links.contains(": lo:") && links.contains("UP"), "lo is up: {links}");
+    stop_shim(child);
+    assert_gone(&inst);
+}
+
+/// SIGTERM to the shim, then its outcome.
+fn stop_shim(child: Child) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let (out, _) = outcome(child);
+    assert!(out.leftovers.is_empty(), "{out:?}");
 }

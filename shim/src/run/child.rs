@@ -37,6 +37,8 @@ pub(super) struct Plan<'a> {
     pub argv: Vec<CString>,
     pub envp: Vec<CString>,
     pub hostname: String,
+    /// The daemon has its own network namespace: bring its loopback up.
+    pub loopback: bool,
     pub root: CString,
     /// Read end of the handshake pipe: one byte = maps written, go on.
     pub sync_r: BorrowedFd<'a>,
@@ -73,7 +75,7 @@ impl<'a> Plan<'a> {
         }
         let root = cstr("dir", spec.root_dir().as_os_str().as_bytes())?;
         let [sync_r, err_w, out, null] = fds;
-        Ok(Plan { daemon, argv, envp, hostname: spec.hostname.clone(), root, sync_r, err_w, out, null, close })
+        Ok(Plan { daemon, argv, envp, hostname: spec.hostname.clone(), loopback: spec.isolate_network, root, sync_r, err_w, out, null, close })
     }
 }
 
@@ -125,6 +127,11 @@ fn setup(plan: &Plan) -> Result<(), Step> {
         return Err(("the shim exited during setup", Errno::ESRCH));
     }
     sethostname(&plan.hostname).map_err(at("sethostname"))?;
+    if plan.loopback {
+        // A new network namespace starts with lo down; build steps that
+        // talk to localhost need it up.
+        sys::loopback_up().map_err(at("bring up lo in the new network namespace"))?;
+    }
     // Nothing mounted from here on may propagate back to the host.
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .map_err(at("mount --make-rprivate /"))?;
