@@ -143,7 +143,7 @@ pub fn per_build(limits: &LimitArgs) -> Shape {
 }
 
 pub fn cpus(m: u64) -> String {
-    if m % 1000 == 0 {
+    if m.is_multiple_of(1000) {
         format!("{}", m / 1000)
     } else {
         format!("{m}m")

@@ -39,7 +39,7 @@ impl IdPool {
     /// Validates the pool against the host's own ids (`/etc/passwd`,
     /// `/etc/group` under `etc`) and prepares the lease dir.
     pub fn new(base: u32, count: u32, leases: PathBuf, etc: &Path) -> Result<IdPool, IdmapError> {
-        if count == 0 || count % IDS_PER_INSTANCE != 0 {
+        if count == 0 || !count.is_multiple_of(IDS_PER_INSTANCE) {
             return Err(IdmapError::Count(count));
         }
         if base.checked_add(count - 1).is_none() {

@@ -1073,6 +1073,74 @@ pub fn cleanup(scope: &LeakScope) {
     }
 }
 
+/// A second agent process on the same dirs and sockets as an [`Agent`], as a
+/// DaemonSet rollout with `maxSurge: 1` starts one beside the old.
+pub struct Sibling {
+    child: Mutex<Child>,
+    logs: Arc<LogBuf>,
+}
+
+impl Agent {
+    /// Starts another `berth-agent` with this agent's exact command line;
+    /// it logs into its own buffer.
+    pub fn spawn_sibling(&self) -> Sibling {
+        let mut cmd = Command::new(&self.exe);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("BERTH_") {
+                cmd.env_remove(&k);
+            }
+        }
+        cmd.env("BERTH_HTTP_ADDR", "127.0.0.1:0");
+        cmd.args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", self.exe.display()));
+        let pid = child.id();
+        let logs = LogBuf::new();
+        logs.capture(child.stdout.take().unwrap(), format!("sibling[{pid}] stdout:"));
+        logs.capture(child.stderr.take().unwrap(), format!("sibling[{pid}]:"));
+        Sibling { child: Mutex::new(child), logs }
+    }
+}
+
+impl Sibling {
+    pub fn pid(&self) -> u32 {
+        self.child.lock().unwrap().id()
+    }
+    pub fn sigterm(&self) {
+        let _ =
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), nix::sys::signal::Signal::SIGTERM);
+    }
+    pub fn wait_log(&self, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Option<Value> {
+        self.logs.wait(0, &pred, timeout)
+    }
+    pub fn logs(&self) -> Vec<Value> {
+        self.logs.inner.lock().unwrap().values.clone()
+    }
+    pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.child.lock().unwrap().try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Sibling {
+    fn drop(&mut self) {
+        let mut c = self.child.lock().unwrap();
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1204,73 +1272,5 @@ mod tests {
         let st = child.wait().unwrap();
         assert!(!st.success());
         assert!(leak_scan(&scope, &[std::process::id()]).is_empty());
-    }
-}
-
-/// A second agent process on the same dirs and sockets as an [`Agent`], as a
-/// DaemonSet rollout with `maxSurge: 1` starts one beside the old.
-pub struct Sibling {
-    child: Mutex<Child>,
-    logs: Arc<LogBuf>,
-}
-
-impl Agent {
-    /// Starts another `berth-agent` with this agent's exact command line;
-    /// it logs into its own buffer.
-    pub fn spawn_sibling(&self) -> Sibling {
-        let mut cmd = Command::new(&self.exe);
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("BERTH_") {
-                cmd.env_remove(&k);
-            }
-        }
-        cmd.env("BERTH_HTTP_ADDR", "127.0.0.1:0");
-        cmd.args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", self.exe.display()));
-        let pid = child.id();
-        let logs = LogBuf::new();
-        logs.capture(child.stdout.take().unwrap(), format!("sibling[{pid}] stdout:"));
-        logs.capture(child.stderr.take().unwrap(), format!("sibling[{pid}]:"));
-        Sibling { child: Mutex::new(child), logs }
-    }
-}
-
-impl Sibling {
-    pub fn pid(&self) -> u32 {
-        self.child.lock().unwrap().id()
-    }
-    pub fn sigterm(&self) {
-        let _ =
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), nix::sys::signal::Signal::SIGTERM);
-    }
-    pub fn wait_log(&self, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Option<Value> {
-        self.logs.wait(0, &pred, timeout)
-    }
-    pub fn logs(&self) -> Vec<Value> {
-        self.logs.inner.lock().unwrap().values.clone()
-    }
-    pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(s)) = self.child.lock().unwrap().try_wait() {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Sibling {
-    fn drop(&mut self) {
-        let mut c = self.child.lock().unwrap();
-        let _ = c.kill();
-        let _ = c.wait();
     }
 }

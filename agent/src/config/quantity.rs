@@ -48,7 +48,7 @@ pub fn parse_millicpus(s: &str) -> Result<u64, String> {
     };
     let value: f64 = num.parse().map_err(|_| format!("{s:?} is not a CPU amount: use 2, 0.5 or 500m"))?;
     let millis = (value * scale).round();
-    if !(millis >= 1.0) || !millis.is_finite() {
+    if millis < 1.0 || millis.is_nan() || !millis.is_finite() {
         return Err(format!("{s:?} is not a positive CPU amount (at least 1m)"));
     }
     Ok(millis as u64)
@@ -65,7 +65,7 @@ pub fn parse_millicpus_or_zero(s: &str) -> Result<u64, String> {
 /// Renders bytes the way they were most likely written (`2Gi`, `512Mi`).
 pub fn format_bytes(b: u64) -> String {
     for (unit, size) in [("Ti", 1u64 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
-        if b >= size && b % size == 0 {
+        if b >= size && b.is_multiple_of(size) {
             return format!("{}{unit}", b / size);
         }
     }

@@ -78,6 +78,6 @@ mod tests {
         assert!(!text.contains("tcp://"));
         assert!(t["otel"]["socketPath"].as_str().unwrap().starts_with("/var/lib/berth/instances/0123456789ab/run/"));
         assert_eq!(t["root"].as_str(), Some("/var/lib/berth/instances/0123456789ab/root"));
-        assert_eq!(render(&spec, 500, 1).contains("max-parallelism = 1"), true);
+        assert!(render(&spec, 500, 1).contains("max-parallelism = 1"));
     }
 }
