@@ -124,33 +124,19 @@ pub async fn serve_until_end(ctx: &Arc<Ctx>, inst: &Arc<Instance>, shim: &mut Sh
     let mut shutdown = ctx.shutdown.subscribe();
     let mut stop = inst.stop.subscribe();
     loop {
+        // In use: only a forced end ends it.
         tokio::select! {
-            _ = shim.ended() => {
+            cause = forced_end(shim, &mut shutdown, &mut stop) => {
                 unregister(ctx, inst, true);
-                return EndCause::DaemonExited;
-            }
-            _ = crate::raised(&mut shutdown) => {
-                unregister(ctx, inst, true);
-                return EndCause::Drain;
-            }
-            _ = crate::raised(&mut stop) => {
-                unregister(ctx, inst, true);
-                return EndCause::Unpublished;
+                return cause;
             }
             _ = crate::count_until(&mut conns, |c| *c == 0) => {}
         }
+        // Idle: a forced end, a new connection, or the idle timeout.
         tokio::select! {
-            _ = shim.ended() => {
+            cause = forced_end(shim, &mut shutdown, &mut stop) => {
                 unregister(ctx, inst, true);
-                return EndCause::DaemonExited;
-            }
-            _ = crate::raised(&mut shutdown) => {
-                unregister(ctx, inst, true);
-                return EndCause::Drain;
-            }
-            _ = crate::raised(&mut stop) => {
-                unregister(ctx, inst, true);
-                return EndCause::Unpublished;
+                return cause;
             }
             _ = crate::count_until(&mut conns, |c| *c > 0) => continue,
             _ = tokio::time::sleep(idle) => {
@@ -159,6 +145,20 @@ pub async fn serve_until_end(ctx: &Arc<Ctx>, inst: &Arc<Instance>, shim: &mut Sh
                 }
             }
         }
+    }
+}
+
+/// Ends that do not wait for the client: the daemon died, the agent shuts
+/// down, or the pod's volume was unpublished. Cancel-safe.
+async fn forced_end(
+    shim: &mut Shim,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> EndCause {
+    tokio::select! {
+        _ = shim.ended() => EndCause::DaemonExited,
+        _ = crate::raised(shutdown) => EndCause::Drain,
+        _ = crate::raised(stop) => EndCause::Unpublished,
     }
 }
 

@@ -438,7 +438,8 @@ impl Agent {
         Agent::builder(name).start()
     }
 
-    fn spawn_process(&self) {
+    /// The agent's command line, environment and pipes.
+    fn command(&self) -> Command {
         let mut cmd = Command::new(&self.exe);
         // The agent reads BERTH_* settings from the environment: none leak in
         // from the test's own environment, and the HTTP endpoint (default
@@ -455,6 +456,11 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        cmd
+    }
+
+    fn spawn_process(&self) {
+        let mut cmd = self.command();
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", self.exe.display()));
         let pid = child.id();
         eprintln!("harness: started agent pid {pid}: {cmd:?}");
@@ -1084,18 +1090,7 @@ impl Agent {
     /// Starts another `berth-agent` with this agent's exact command line;
     /// it logs into its own buffer.
     pub fn spawn_sibling(&self) -> Sibling {
-        let mut cmd = Command::new(&self.exe);
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("BERTH_") {
-                cmd.env_remove(&k);
-            }
-        }
-        cmd.env("BERTH_HTTP_ADDR", "127.0.0.1:0");
-        cmd.args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        let mut cmd = self.command();
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", self.exe.display()));
         let pid = child.id();
         let logs = LogBuf::new();

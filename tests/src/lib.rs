@@ -13,9 +13,9 @@ pub mod grpc;
 pub mod harness;
 pub mod pattern;
 
-/// Generated code. Module paths follow the proto packages, so the cross-package
-/// references prost generates (`super::super::...`) resolve; [`proto::fake`] and
-/// [`proto::control`] are the short names.
+/// Generated code. `berth.fake.v1` is compiled here; BuildKit's Control
+/// subset (and its `pb.Platform`) is the agent's, compiled once in
+/// `berth_agent::proto`, so client and server share one definition.
 pub mod proto {
     pub mod berth {
         pub mod fake {
@@ -24,19 +24,7 @@ pub mod proto {
             }
         }
     }
-    pub mod moby {
-        pub mod buildkit {
-            pub mod v1 {
-                tonic::include_proto!("moby.buildkit.v1");
-                pub mod types {
-                    tonic::include_proto!("moby.buildkit.v1.types");
-                }
-            }
-        }
-    }
-    pub mod pb {
-        tonic::include_proto!("pb");
-    }
+    pub use berth_agent::proto::{moby, pb};
 
     /// `berth.fake.v1`: `fake::fake_client::FakeClient`, `fake::fake_server::{Fake, FakeServer}`.
     pub use berth::fake::v1 as fake;

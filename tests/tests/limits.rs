@@ -9,7 +9,16 @@ use berth_tests::proto::fake::AllocRequest;
 use prost::Message;
 use std::time::Duration;
 
-async fn alloc_on_raw_h2(socket: &std::path::Path, bytes: u64) -> String {
+type Call = (
+    h2::client::ResponseFuture,
+    h2::SendStream<bytes::Bytes>,
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+);
+
+/// Fake.Alloc as a gRPC call on a raw h2 connection: what a grpc-go client
+/// sees of the connection, GOAWAY included.
+async fn alloc_call(socket: &std::path::Path, bytes: u64) -> Call {
     let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
     let (client, conn) = h2::client::handshake(stream).await.unwrap();
     let conn = tokio::spawn(conn);
@@ -25,7 +34,13 @@ async fn alloc_on_raw_h2(socket: &std::path::Path, bytes: u64) -> String {
         .unwrap();
     let (resp, mut send) = client.send_request(req, false).unwrap();
     send.send_data(bytes::Bytes::from(body), true).unwrap();
+    (resp, send, client, conn)
+}
+
+async fn alloc_on_raw_h2(socket: &std::path::Path, bytes: u64) -> String {
+    let (resp, _send, _client, conn) = alloc_call(socket, bytes).await;
     let call = tokio::time::timeout(Duration::from_secs(30), resp).await.expect("call hangs");
+    drop((_send, _client));
     let conn_end = tokio::time::timeout(Duration::from_secs(30), conn).await.expect("connection hangs").unwrap();
     format!("call: {call:?}; connection: {conn_end:?}")
 }
@@ -53,21 +68,7 @@ async fn a_build_within_its_limits_gets_no_goaway() {
         .args(["--build-memory", "256Mi", "--max-builds", "2", "--idle-timeout", "2s"])
         .start_async()
         .await;
-    let stream = tokio::net::UnixStream::connect(agent.socket()).await.unwrap();
-    let (client, conn) = h2::client::handshake(stream).await.unwrap();
-    let conn = tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
-    let msg = AllocRequest { bytes: 8 << 20 }.encode_to_vec();
-    let mut body = vec![0u8];
-    body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    body.extend_from_slice(&msg);
-    let req = http::Request::post("http://berth/berth.fake.v1.Fake/Alloc")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let (resp, mut send) = client.send_request(req, false).unwrap();
-    send.send_data(bytes::Bytes::from(body), true).unwrap();
+    let (resp, send, client, conn) = alloc_call(agent.socket(), 8 << 20).await;
     let resp = resp.await.expect("call succeeds");
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
