@@ -193,6 +193,7 @@ async fn run_life(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> &'static str {
         Scope::Client => ctx.run.idle_timeout,
         Scope::Connection => std::time::Duration::ZERO,
     };
+    tokio::spawn(reap::watch_limits(ctx.clone(), inst.clone()));
     let cause = reap::serve_until_end(&ctx, &inst, &mut shim, scope_idle).await;
     inst.phase.send_replace(Phase::Ended);
     let outcome = shim.stop(&ctx).await;

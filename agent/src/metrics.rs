@@ -35,6 +35,8 @@ pub struct Metrics {
     pub ended: Family<ReasonLabel, Counter>,
     pub proxied_bytes: Family<DirectionLabel, Counter>,
     pub refused: Family<ReasonLabel, Counter>,
+    /// Limit hits inside running instances, by limit (memory, pids).
+    pub limit_hits: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -60,6 +62,7 @@ impl Metrics {
             ended: Family::default(),
             proxied_bytes: Family::default(),
             refused: Family::default(),
+            limit_hits: Family::default(),
             registry: Registry::default(),
         };
         registry.register("slots", "Build slots on this node", m.slots_total.clone());
@@ -80,6 +83,14 @@ impl Metrics {
         registry.register("instances_ended", "Instances ended, by reason", m.ended.clone());
         registry.register("proxied_bytes", "Bytes proxied between clients and instances", m.proxied_bytes.clone());
         registry.register("connections_refused", "Connections refused, by reason", m.refused.clone());
+        registry.register(
+            "limit_hits",
+            "OOM kills and refused forks inside running instances, by limit",
+            m.limit_hits.clone(),
+        );
+        for l in ["memory", "pids"] {
+            let _ = m.limit_hits.get_or_create(&ReasonLabel { reason: l.into() });
+        }
         for r in REASONS {
             let _ = m.ended.get_or_create(&ReasonLabel { reason: r.into() });
         }

@@ -215,3 +215,49 @@ pub fn record(ctx: &Ctx, inst: &Instance, cause: EndCause, outcome: Option<&Outc
     }
     reason
 }
+
+/// How often a running instance's cgroup is read for limit hits.
+const LIMIT_POLL: Duration = Duration::from_secs(1);
+
+/// Watches a running instance's cgroup for limit hits that do not end it:
+/// the OOM killer taking one build step (buildkit then reports the step's
+/// exit code 137, not why), or a fork refused at the pids limit. Each new
+/// hit gets a log line naming the limit, and a counter; the instance's end
+/// line carries the totals.
+pub async fn watch_limits(ctx: Arc<Ctx>, inst: Arc<Instance>) {
+    let Ok(spec) = berth_shim::spec::Spec::load(&inst.dir) else { return };
+    let mut wiped = inst.wiped.subscribe();
+    let mut seen = berth_shim::cgroup::Usage::default();
+    loop {
+        tokio::select! {
+            _ = crate::raised(&mut wiped) => return,
+            _ = tokio::time::sleep(LIMIT_POLL) => {}
+        }
+        if !matches!(*inst.phase.borrow(), crate::instance::Phase::Ready) {
+            continue;
+        }
+        let now = berth_shim::cgroup::usage(&spec.cgroup);
+        let limits = &ctx.run.limits;
+        if now.oom_kills > seen.oom_kills {
+            ctx.metrics.limit_hits.get_or_create(&crate::metrics::ReasonLabel { reason: "memory".into() }).inc_by(now.oom_kills - seen.oom_kills);
+            warn!(
+                instance = %inst.id,
+                client = %inst.client().display,
+                oom_kills = now.oom_kills,
+                limit = %crate::config::quantity::format_bytes(limits.build_memory),
+                "a process of the build was OOM-killed at the memory limit (the client sees its step fail, exit code 137)"
+            );
+        }
+        if now.pids_limit_hits > seen.pids_limit_hits {
+            ctx.metrics.limit_hits.get_or_create(&crate::metrics::ReasonLabel { reason: "pids".into() }).inc_by(now.pids_limit_hits - seen.pids_limit_hits);
+            warn!(
+                instance = %inst.id,
+                client = %inst.client().display,
+                pids_limit_hits = now.pids_limit_hits,
+                limit = limits.build_pids,
+                "a fork in the build was refused at the pids limit"
+            );
+        }
+        seen = now;
+    }
+}

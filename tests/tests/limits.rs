@@ -81,3 +81,20 @@ async fn a_build_within_its_limits_gets_no_goaway() {
     let end = tokio::time::timeout(Duration::from_secs(10), conn).await.expect("closes").unwrap();
     assert!(end.is_ok(), "a healthy connection ends cleanly: {end:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_fork_in_a_running_build_is_logged_as_it_happens() {
+    let agent = Agent::builder("limits-pids-live")
+        .args(["--build-pids", "32", "--max-builds", "2", "--idle-timeout", "30s"])
+        .start_async()
+        .await;
+    let fork = berth_tests::harness::run_fakeclient(agent.socket(), &["--timeout", "20", "fork", "64"]);
+    assert!(fork.json["started"].as_u64().unwrap() < 64, "{:?}", fork.json);
+    // While the instance still runs (idle timeout 30 s), not only at its end.
+    let hit = agent
+        .wait_log_async(0, |v| v["message"].as_str().is_some_and(|m| m.contains("refused at the pids limit")), Duration::from_secs(10))
+        .await
+        .expect("the pids limit hit is logged while the build runs");
+    assert_eq!(hit["limit"], 32);
+    assert!(agent.instance_ends().is_empty(), "the instance is still running");
+}
