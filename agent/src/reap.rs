@@ -51,23 +51,30 @@ impl Shim {
         let (tx, rx) = oneshot::channel();
         let tag = id.clone();
         tokio::spawn(async move {
-            let mut outcome = None;
+            // The outcome is handed on as soon as its line arrives: the shim
+            // then still empties the instance's trash entry before it exits,
+            // and the slot need not wait for that.
+            let mut tx = Some(tx);
             if let Some(out) = stdout {
                 let mut lines = BufReader::new(out).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     match serde_json::from_str::<Outcome>(&line) {
-                        Ok(o) => outcome = Some(o),
-                        Err(e) => {
-                            warn!(instance = %tag, line, error = %e, "unreadable line from shim")
+                        Ok(o) => {
+                            if let Some(tx) = tx.take() {
+                                let _ = tx.send(Some(o));
+                            }
                         }
+                        Err(e) => warn!(instance = %tag, line, error = %e, "unreadable line from shim"),
                     }
                 }
             }
             let status = child.wait().await;
-            if outcome.is_none() {
+            if let Some(tx) = tx.take() {
                 error!(instance = %tag, ?status, "shim ended without an outcome");
+                let _ = tx.send(None);
+            } else if !status.as_ref().is_ok_and(|s| s.success()) {
+                warn!(instance = %tag, ?status, "shim exited with an error after its outcome (see its log)");
             }
-            let _ = tx.send(outcome);
         });
         Shim { pid, id, dir, _lifeline: lifeline, done: Some(rx), outcome: None }
     }

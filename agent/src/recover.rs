@@ -39,6 +39,8 @@ pub async fn delete(ctx: &Ctx, dir: &Path) -> Option<Outcome> {
 #[derive(Debug, Default)]
 pub struct Swept {
     pub instances: usize,
+    /// Trash entries emptied.
+    pub trash: usize,
     /// Instances of live agents, left alone.
     pub skipped: usize,
     pub leases: usize,
@@ -55,6 +57,19 @@ pub async fn sweep(ctx: &Ctx) -> Swept {
         for entry in rd.flatten() {
             let dir = entry.path();
             let id = entry.file_name().to_string_lossy().to_string();
+            if id.starts_with(berth_shim::teardown::TRASH_PREFIX) {
+                // A shim died while emptying it: nothing runs there any more.
+                let path = dir.clone();
+                match tokio::task::spawn_blocking(move || berth_shim::wipe::remove_tree(&path)).await {
+                    Ok(Ok(())) => swept.trash += 1,
+                    Ok(Err(e)) => {
+                        error!(dir = %dir.display(), error = %e, "cannot empty a trash entry");
+                        swept.failures += 1;
+                    }
+                    Err(e) => error!(error = %e, "trash removal task failed"),
+                }
+                continue;
+            }
             seen.insert(id.clone());
             // Another live agent's instance (a rollout's old or new agent).
             let owner = berth_shim::spec::Spec::load(&dir).map(|s| s.owner).unwrap_or_default();
@@ -122,6 +137,7 @@ pub async fn sweep(ctx: &Ctx) -> Swept {
     info!(
         instances = swept.instances,
         skipped = swept.skipped,
+        trash = swept.trash,
         leases = swept.leases,
         cgroups = swept.cgroups,
         foreign = swept.foreign,
@@ -136,6 +152,7 @@ pub fn instances_of(ctx: &Ctx, key: &str) -> Vec<std::path::PathBuf> {
     let Ok(rd) = std::fs::read_dir(ctx.instances_dir()) else { return Vec::new() };
     rd.flatten()
         .map(|e| e.path())
+        .filter(|d| !d.file_name().is_some_and(|n| n.to_string_lossy().starts_with(berth_shim::teardown::TRASH_PREFIX)))
         .filter(|d| berth_shim::spec::Spec::load(d).map(|s| s.client_key == key).unwrap_or(false))
         .collect()
 }

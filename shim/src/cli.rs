@@ -103,9 +103,21 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
             0
         }
         Command::Run { dir, proc_root } => {
-            let out = crate::run::run(&dir, &proc_root);
+            let (out, doomed) = crate::run::run(&dir, &proc_root);
+            // The outcome first: the agent frees the slot on it, while the
+            // bytes in the trash are removed here (the shim exits after).
             emit(&out);
-            exit_code(&out)
+            let started = std::time::Instant::now();
+            let left = crate::teardown::empty_trash(doomed);
+            for l in &left {
+                crate::log!(out.id, "left in the trash: {l}");
+            }
+            crate::log!(out.id, "trash emptied in {} ms", started.elapsed().as_millis());
+            if left.is_empty() {
+                exit_code(&out)
+            } else {
+                1
+            }
         }
         Command::Delete { dir, proc_root } => {
             let out = crate::delete::delete(&dir, &proc_root);

@@ -53,7 +53,9 @@ pub fn delete(dir: &Path, proc_root: &Path) -> Outcome {
             }
         }
     }
-    teardown::finish(&id, spec.as_ref(), dir, proc_root, None, &mut out);
+    let doomed = teardown::finish(&id, spec.as_ref(), dir, proc_root, None, &mut out);
+    // The sweep waits for the bytes to go: it reports what is left.
+    out.leftovers.extend(teardown::empty_trash(doomed));
     out.duration_ms = started.elapsed().as_millis() as u64;
     crate::log!(id, "deleted in {} ms, {} leftovers", out.duration_ms, out.leftovers.len());
     out

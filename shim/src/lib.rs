@@ -11,10 +11,19 @@
 /// Plain lines are enough: the agent forwards the shim's stderr to its log.
 macro_rules! log {
     ($id:expr, $($arg:tt)*) => {
-        eprintln!("berth-shim[{}]: {}", $id, format_args!($($arg)*))
+        $crate::log_line(&format!("berth-shim[{}]: {}\n", $id, format_args!($($arg)*)))
     };
 }
 pub(crate) use log;
+
+/// Writes one whole line to stderr in one write(2). stderr is unbuffered
+/// and shared with the agent (and every other shim): `eprintln!` may split
+/// a line into several writes, which then interleave with theirs and break
+/// the agent's JSON log lines. A write of up to PIPE_BUF bytes is atomic.
+pub fn log_line(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
 
 pub mod cgroup;
 pub mod cli;

@@ -88,7 +88,10 @@ struct Started {
 }
 
 /// Runs the instance in `dir` to its end and returns the outcome to print.
-pub fn run(dir: &Path, proc_root: &Path) -> Outcome {
+/// Runs the instance to its end. Returns the outcome and the trash entry
+/// the instance's dir was moved to, for the caller to empty after it has
+/// reported the outcome (see `teardown::finish`).
+pub fn run(dir: &Path, proc_root: &Path) -> (Outcome, Option<std::path::PathBuf>) {
     let started = Instant::now();
     // First of all, so that a SIGTERM from the agent is never lost or
     // fatal: from here on it waits in the signalfd.
@@ -108,7 +111,7 @@ pub fn run(dir: &Path, proc_root: &Path) -> Outcome {
             out.leftovers
                 .push(format!("{}: not torn down, no usable spec (berth-shim delete cleans it)", dir.display()));
             out.duration_ms = started.elapsed().as_millis() as u64;
-            return out;
+            return (out, None);
         }
     };
     let id = spec.id.as_str();
@@ -151,10 +154,10 @@ pub fn run(dir: &Path, proc_root: &Path) -> Outcome {
         s.output.tail()
     });
     drop(keep);
-    teardown::finish(id, Some(&spec), dir, proc_root, tail, &mut out);
+    let doomed = teardown::finish(id, Some(&spec), dir, proc_root, tail, &mut out);
     out.duration_ms = started.elapsed().as_millis() as u64;
     crate::log!(id, "done in {} ms, {} leftovers", out.duration_ms, out.leftovers.len());
-    out
+    (out, doomed)
 }
 
 /// Blocks the signals the supervisor takes through a signalfd. Blocking
