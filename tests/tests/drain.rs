@@ -207,3 +207,25 @@ fn a_second_agent_with_another_state_dir_never_kills_the_firsts_instances() {
     let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/cpu/{shared}"));
     let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/pids/{shared}"));
 }
+
+#[test]
+fn the_sweep_empties_trash_a_dead_shim_left() {
+    // A shim killed while emptying its trash entry leaves it behind: files
+    // of an ended instance, owned by its uids, with a mode-000 dir inside.
+    let a = agent("sweep-trash", &[]).start();
+    a.sigkill();
+    a.wait_exit(WAIT);
+    let trash = a.state_dir().join("instances/.trash-0123456789ab");
+    std::fs::create_dir_all(trash.join("root/locked")).unwrap();
+    std::fs::write(trash.join("root/locked/blob"), vec![7u8; 4096]).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", trash.join("root/link")).unwrap();
+    std::fs::set_permissions(trash.join("root/locked"), std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+    let mark = a.log_mark();
+    a.restart();
+    let sweep = a.wait_log_since(mark, |v| v["message"] == "start-up sweep done", WAIT).unwrap();
+    assert_eq!(sweep["trash"], 1, "{sweep}");
+    assert!(!trash.exists());
+    assert!(std::path::Path::new("/etc/hostname").exists(), "the symlink's target survives");
+    let leaks = a.wait_clean(WAIT);
+    assert!(leaks.is_empty(), "{leaks:?}");
+}
