@@ -809,5 +809,8 @@ fn config_errors_exit_nonzero_naming_the_flag() {
     let (ok, err) = run_agent_config("cfg-idmap", &["--idmap-base", "0"]);
     assert!(!ok, "--idmap-base 0 (overlapping root and every host user) accepted; stderr:\n{err}");
     assert!(err.contains("--idmap-base"), "stderr does not name --idmap-base:\n{err}");
-    assert!(err.contains("puts a host id in the pool") && err.contains("\"root\""), "stderr does not say which host id is in the pool:\n{err}");
+    assert!(
+        err.contains("puts a host id in the pool") && err.contains("\"root\""),
+        "stderr does not say which host id is in the pool:\n{err}"
+    );
 }
