@@ -25,6 +25,39 @@ use tracing::debug;
 
 /// Creates the instance on disk and in the cgroup tree, and starts its shim.
 pub async fn start(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, AdmitError> {
+    // Files, chowns and cgroup writes block (a v1 memory cgroup write can
+    // wait ~10 ms for the kernel): off the two async workers, so a burst of
+    // new clients does not stall every other connection.
+    let (c, i) = (ctx.clone(), inst.clone());
+    let spec = tokio::task::spawn_blocking(move || prepare(&c, &i))
+        .await
+        .map_err(|e| AdmitError::Internal(format!("instance {}: prepare task: {e}", inst.id)))??;
+    let internal = |what: String| AdmitError::Internal(format!("instance {}: {what}", inst.id));
+    let dir = &inst.dir;
+    let child = Command::new(&ctx.shim)
+        .arg("run")
+        .arg(dir)
+        .arg("--proc-root")
+        .arg(&ctx.run.host.proc_root)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn();
+    match child {
+        Ok(child) => Ok(Shim::new(child, inst.id.clone(), dir.clone())),
+        Err(e) => {
+            // The shim never ran: clean up as it would have.
+            let _ = berth_shim::cgroup::remove(&spec.cgroup, Duration::from_secs(1));
+            let _ = fs::remove_dir_all(dir);
+            let _ = fs::remove_file(&spec.lease);
+            Err(internal(format!("starting {}: {e}", ctx.shim.display())))
+        }
+    }
+}
+
+/// Leases the ids, lays out the dir, records the spec and creates the
+/// cgroup; undoes what it did on failure. Blocking.
+fn prepare(ctx: &Ctx, inst: &Instance) -> Result<Spec, AdmitError> {
     let internal = |what: String| AdmitError::Internal(format!("instance {}: {what}", inst.id));
     let (ids, lease) =
         ctx.pool.lease(&inst.id).map_err(|e| AdmitError::Exhausted(format!("node {}: {e}", ctx.node_name)))?;
@@ -60,24 +93,7 @@ pub async fn start(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, AdmitEr
         let _ = fs::remove_dir_all(dir);
         return Err(undo_lease(internal(e.to_string())));
     }
-    let child = Command::new(&ctx.shim)
-        .arg("run")
-        .arg(dir)
-        .arg("--proc-root")
-        .arg(&ctx.run.host.proc_root)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn();
-    match child {
-        Ok(child) => Ok(Shim::new(child, inst.id.clone(), dir.clone())),
-        Err(e) => {
-            // The shim never ran: clean up as it would have.
-            let _ = berth_shim::cgroup::remove(&spec.cgroup, Duration::from_secs(1));
-            let _ = fs::remove_dir_all(dir);
-            Err(undo_lease(internal(format!("starting {}: {e}", ctx.shim.display()))))
-        }
-    }
+    Ok(spec)
 }
 
 fn daemon_args(ctx: &Ctx, dir: &Path, socket: &Path, root: &Path) -> Vec<String> {
