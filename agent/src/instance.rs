@@ -136,8 +136,10 @@ async fn life(ctx: Arc<Ctx>, inst: Arc<Instance>) {
     ctx.metrics.instances_active.dec();
     ctx.metrics.ended(reason);
     ctx.metrics.build_seconds.observe(inst.created.elapsed().as_secs_f64());
-    // The slot frees only now, after the wipe: the next build must not
-    // start while this one's state is still on disk.
+    // The slot frees only now, after the shim's outcome: the instance's
+    // processes, cgroup and ids are gone and its state has left every path
+    // an instance can reach (moved to the trash, whose bytes the shim is
+    // removing as we speak).
     inst.slot.lock().expect("slot lock").take();
     inst.wiped.send_replace(true);
     crate::warm::refill(&ctx);

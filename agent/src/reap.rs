@@ -246,7 +246,10 @@ pub async fn watch_limits(ctx: Arc<Ctx>, inst: Arc<Instance>) {
         let now = berth_shim::cgroup::usage(&spec.cgroup);
         let limits = &ctx.run.limits;
         if now.oom_kills > seen.oom_kills {
-            ctx.metrics.limit_hits.get_or_create(&crate::metrics::ReasonLabel { reason: "memory".into() }).inc_by(now.oom_kills - seen.oom_kills);
+            ctx.metrics
+                .limit_hits
+                .get_or_create(&crate::metrics::ReasonLabel { reason: "memory".into() })
+                .inc_by(now.oom_kills - seen.oom_kills);
             warn!(
                 instance = %inst.id,
                 client = %inst.client().display,
@@ -256,7 +259,10 @@ pub async fn watch_limits(ctx: Arc<Ctx>, inst: Arc<Instance>) {
             );
         }
         if now.pids_limit_hits > seen.pids_limit_hits {
-            ctx.metrics.limit_hits.get_or_create(&crate::metrics::ReasonLabel { reason: "pids".into() }).inc_by(now.pids_limit_hits - seen.pids_limit_hits);
+            ctx.metrics
+                .limit_hits
+                .get_or_create(&crate::metrics::ReasonLabel { reason: "pids".into() })
+                .inc_by(now.pids_limit_hits - seen.pids_limit_hits);
             warn!(
                 instance = %inst.id,
                 client = %inst.client().display,

@@ -22,7 +22,9 @@ fn check(state: &Path) -> (i32, String) {
 fn state_dir_on_overlayfs_fails_with_the_fix() {
     let t = tempfile::tempdir().unwrap();
     let (code, out) = check(&t.path().join("state"));
-    let line = |name: &str| out.lines().find(|l| l.contains(name)).unwrap_or_else(|| panic!("{name} missing:\n{out}")).to_string();
+    let line = |name: &str| {
+        out.lines().find(|l| l.contains(name)).unwrap_or_else(|| panic!("{name} missing:\n{out}")).to_string()
+    };
     assert!(line("user namespaces").starts_with("ok"), "{out}");
     assert!(line("overlayfs").starts_with("ok"), "{out}");
     assert!(line("state dir").starts_with("ok"), "{out}");

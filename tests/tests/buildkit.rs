@@ -34,7 +34,8 @@ fn connections_during_start_are_held_and_served() {
         .start();
     let t0 = Instant::now();
     // A bootstrap-like burst: Info, ListWorkers and pings, separate processes.
-    let kids: Vec<Child> = ["info", "workers", "ping", "ping", "health"].iter().map(|c| run(&agent, 5001, &[c])).collect();
+    let kids: Vec<Child> =
+        ["info", "workers", "ping", "ping", "health"].iter().map(|c| run(&agent, 5001, &[c])).collect();
     let outs: Vec<Value> = kids.into_iter().map(json).collect();
     assert!(t0.elapsed() >= Duration::from_millis(1400), "served before the daemon could answer");
     for o in &outs {
@@ -56,7 +57,10 @@ fn readiness_uses_health_and_falls_back_to_list_workers() {
 
     // A daemon without grpc.health.v1 (buildkit < 0.13) is ready once
     // ListWorkers answers; without the fallback it would time out.
-    let agent = Agent::builder("bk-noh").args(["--max-builds", "2", "--start-timeout", "10s"]).daemon_arg("--no-health").start();
+    let agent = Agent::builder("bk-noh")
+        .args(["--max-builds", "2", "--start-timeout", "10s"])
+        .daemon_arg("--no-health")
+        .start();
     let t0 = Instant::now();
     let h = json(run(&agent, 0, &["health"]));
     assert_eq!(h["error"]["code"], "Unimplemented", "the daemon really has no health service: {h}");
@@ -67,7 +71,8 @@ fn readiness_uses_health_and_falls_back_to_list_workers() {
 
 #[test]
 fn two_instances_share_no_runtime_path() {
-    let agent = Agent::builder("bk-paths").args(["--max-builds", "2", "--idle-timeout", "5s", "--socket-mode", "0666"]).start();
+    let agent =
+        Agent::builder("bk-paths").args(["--max-builds", "2", "--idle-timeout", "5s", "--socket-mode", "0666"]).start();
     let a = json(run(&agent, 5101, &["ping"]));
     let b = json(run(&agent, 5102, &["ping"]));
     assert_ne!(a["token"], b["token"]);

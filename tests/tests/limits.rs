@@ -92,7 +92,11 @@ async fn a_refused_fork_in_a_running_build_is_logged_as_it_happens() {
     assert!(fork.json["started"].as_u64().unwrap() < 64, "{:?}", fork.json);
     // While the instance still runs (idle timeout 30 s), not only at its end.
     let hit = agent
-        .wait_log_async(0, |v| v["message"].as_str().is_some_and(|m| m.contains("refused at the pids limit")), Duration::from_secs(10))
+        .wait_log_async(
+            0,
+            |v| v["message"].as_str().is_some_and(|m| m.contains("refused at the pids limit")),
+            Duration::from_secs(10),
+        )
         .await
         .expect("the pids limit hit is logged while the build runs");
     assert_eq!(hit["limit"], 32);

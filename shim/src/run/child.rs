@@ -75,7 +75,19 @@ impl<'a> Plan<'a> {
         }
         let root = cstr("dir", spec.root_dir().as_os_str().as_bytes())?;
         let [sync_r, err_w, out, null] = fds;
-        Ok(Plan { daemon, argv, envp, hostname: spec.hostname.clone(), loopback: spec.isolate_network, root, sync_r, err_w, out, null, close })
+        Ok(Plan {
+            daemon,
+            argv,
+            envp,
+            hostname: spec.hostname.clone(),
+            loopback: spec.isolate_network,
+            root,
+            sync_r,
+            err_w,
+            out,
+            null,
+            close,
+        })
     }
 }
 
