@@ -90,14 +90,22 @@ pub async fn sweep(ctx: &Ctx) -> Swept {
             }
         }
     }
-    for (path, id) in ctx.pool.leases() {
-        // A live agent writes its lease a moment before the instance dir:
-        // only leases old enough to be past that window are stale.
+    for (path, content) in ctx.pool.leases() {
+        // A lease reads "<instance id> <owner agent id>". A live agent
+        // writes it a moment before the instance dir, so a lease without a
+        // dir is stale only when its owner is dead, or (a lease of unknown
+        // owner) when it is older than that window.
+        let mut words = content.split_whitespace();
+        let (id, owner) = (words.next().unwrap_or(""), words.next());
         let young = std::fs::metadata(&path)
             .and_then(|m| m.modified())
             .map(|t| t.elapsed().unwrap_or_default() < LEASE_GRACE)
             .unwrap_or(false);
-        if !young && !ctx.instances_dir().join(id.trim()).exists() {
+        let owner_alive = match owner {
+            Some(o) => o == ctx.owner.id || crate::owner::alive(&ctx.run.host.state_dir, o),
+            None => young,
+        };
+        if !owner_alive && !ctx.instances_dir().join(id).exists() {
             match std::fs::remove_file(&path) {
                 Ok(()) => swept.leases += 1,
                 Err(e) => warn!(lease = %path.display(), error = %e, "cannot remove stale lease"),

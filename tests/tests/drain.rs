@@ -229,3 +229,29 @@ fn the_sweep_empties_trash_a_dead_shim_left() {
     let leaks = a.wait_clean(WAIT);
     assert!(leaks.is_empty(), "{leaks:?}");
 }
+
+#[test]
+fn a_dead_agents_fresh_lease_is_swept_at_once() {
+    // A crash between the wipe's rename and the lease's release leaves a
+    // lease naming an instance without a dir and a dead owner: stale at
+    // once, however young. One of a live owner is kept.
+    let a = agent("sweep-lease", &[]).start();
+    let (base, _) = a.idmap();
+    a.sigkill();
+    a.wait_exit(WAIT);
+    let leases = a.state_dir().join("leases");
+    std::fs::write(leases.join(base.to_string()), "0123456789ab agent-1-deadbeef0000").unwrap();
+    let other = std::fs::File::create(a.dir().join("other.lock")).unwrap();
+    let held = nix::fcntl::Flock::lock(other, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
+    let kept_owner = "agent-2-livelivelive";
+    std::fs::rename(a.dir().join("other.lock"), a.state_dir().join(format!("agents/{kept_owner}.lock"))).unwrap();
+    std::fs::write(leases.join((base + 65536).to_string()), format!("ba9876543210 {kept_owner}")).unwrap();
+    let mark = a.log_mark();
+    a.restart();
+    let sweep = a.wait_log_since(mark, |v| v["message"] == "start-up sweep done", WAIT).unwrap();
+    assert_eq!(sweep["leases"], 1, "{sweep}");
+    assert!(!leases.join(base.to_string()).exists(), "the dead owner's young lease is gone");
+    assert!(leases.join((base + 65536).to_string()).exists(), "a live owner's lease is kept");
+    drop(held);
+    std::fs::remove_file(leases.join((base + 65536).to_string())).unwrap();
+}
