@@ -59,8 +59,10 @@ pub async fn start(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, AdmitEr
 /// cgroup; undoes what it did on failure. Blocking.
 fn prepare(ctx: &Ctx, inst: &Instance) -> Result<Spec, AdmitError> {
     let internal = |what: String| AdmitError::Internal(format!("instance {}: {what}", inst.id));
-    let (ids, lease) =
-        ctx.pool.lease(&format!("{} {}", inst.id, ctx.owner.id)).map_err(|e| AdmitError::Exhausted(format!("node {}: {e}", ctx.node_name)))?;
+    let (ids, lease) = ctx
+        .pool
+        .lease(&format!("{} {}", inst.id, ctx.owner.id))
+        .map_err(|e| AdmitError::Exhausted(format!("node {}: {e}", ctx.node_name)))?;
     let undo_lease = |e: AdmitError| {
         let _ = fs::remove_file(&lease);
         e

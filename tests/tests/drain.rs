@@ -191,6 +191,23 @@ fn a_second_agent_with_another_state_dir_never_kills_the_firsts_instances() {
     // state dirs: the second one's sweep must not take the first one's
     // live instance for a leftover.
     let shared = format!("berth-test/shared-{}", std::process::id());
+    // Removes the shared parent even when an assertion fails: neither
+    // agent's harness owns it.
+    struct Shared(String);
+    impl Drop for Shared {
+        fn drop(&mut self) {
+            for c in ["memory", "cpu", "pids"] {
+                let dir = std::path::Path::new("/sys/fs/cgroup").join(c).join(&self.0);
+                if let Ok(rd) = std::fs::read_dir(&dir) {
+                    for e in rd.flatten().filter(|e| e.path().is_dir()) {
+                        let _ = std::fs::remove_dir(e.path());
+                    }
+                }
+                let _ = std::fs::remove_dir(&dir);
+            }
+        }
+    }
+    let _cleanup = Shared(shared.clone());
     let first = agent("sweep-foreign-a", &["--cgroup-parent", &shared, "--idle-timeout", "5s"]).start();
     let before = ping_as(first.socket(), 2501);
     assert!(before.get("error").is_none(), "{before}");
@@ -203,9 +220,6 @@ fn a_second_agent_with_another_state_dir_never_kills_the_firsts_instances() {
     drop(second);
     first.sigterm();
     first.wait_exit(WAIT);
-    let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/memory/{shared}"));
-    let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/cpu/{shared}"));
-    let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/pids/{shared}"));
 }
 
 #[test]
