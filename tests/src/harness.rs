@@ -124,6 +124,35 @@ struct LogInner {
     values: Vec<Value>,
 }
 
+/// Calls `f` every `every` until it yields a value or `timeout` passes
+/// (then one last call decides).
+pub fn poll<T>(timeout: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// [`poll`] without blocking the async runtime.
+pub async fn poll_async<T>(timeout: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Lines of a child's stdout+stderr, parsed as JSON objects, shared with the
 /// reader threads.
 pub struct LogBuf {
@@ -532,30 +561,12 @@ impl Agent {
 
     /// Waits up to `timeout` for the agent to exit; `None` if still running.
     pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.try_exit_status() {
-                return Some(st);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        poll(timeout, Duration::from_millis(20), || self.try_exit_status())
     }
 
     /// [`wait_exit`](Self::wait_exit) without blocking the async runtime.
     pub async fn wait_exit_async(&self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.try_exit_status() {
-                return Some(st);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        poll_async(timeout, Duration::from_millis(20), || self.try_exit_status()).await
     }
 
     fn ready_now(&self) -> Result<bool, String> {
@@ -715,24 +726,20 @@ impl Agent {
     /// Polls [`leak_scan`](Self::leak_scan) until it is empty or `timeout`
     /// passes (reaping is asynchronous); returns the last result.
     pub fn wait_clean(&self, timeout: Duration) -> Vec<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let l = self.leak_scan();
-            if l.is_empty() || Instant::now() >= deadline {
-                return l;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let clean = poll(timeout, Duration::from_millis(50), || self.leak_scan().is_empty().then_some(()));
+        if clean.is_some() {
+            Vec::new()
+        } else {
+            self.leak_scan()
         }
     }
 
     pub async fn wait_clean_async(&self, timeout: Duration) -> Vec<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let l = self.leak_scan();
-            if l.is_empty() || Instant::now() >= deadline {
-                return l;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let clean = poll_async(timeout, Duration::from_millis(50), || self.leak_scan().is_empty().then_some(())).await;
+        if clean.is_some() {
+            Vec::new()
+        } else {
+            self.leak_scan()
         }
     }
 
@@ -1115,16 +1122,7 @@ impl Sibling {
         self.logs.inner.lock().unwrap().values.clone()
     }
     pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(s)) = self.child.lock().unwrap().try_wait() {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        poll(timeout, Duration::from_millis(20), || self.child.lock().unwrap().try_wait().ok().flatten())
     }
 }
 

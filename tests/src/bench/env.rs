@@ -624,13 +624,10 @@ impl BenchAgent {
     }
 
     pub async fn wait_clean(&self, timeout: Duration) -> Vec<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let l = self.leak_scan();
-            if l.is_empty() || Instant::now() >= deadline {
-                return l;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let every = Duration::from_millis(50);
+        match harness::poll_async(timeout, every, || self.leak_scan().is_empty().then_some(())).await {
+            Some(()) => Vec::new(),
+            None => self.leak_scan(),
         }
     }
 
