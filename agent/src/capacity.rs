@@ -102,34 +102,10 @@ pub fn this_node(cgroup_root: &Path, proc_root: &Path) -> Shape {
     Shape { memory, millicpus }
 }
 
-struct OwnLimits {
-    memory: Option<u64>,
-    millicpus: Option<u64>,
-}
-
-/// The memory and CPU limits of the agent's own cgroup, v1 or v2.
-fn own_cgroup_limits(root: &Path, proc_root: &Path) -> Option<OwnLimits> {
-    use berth_shim::cgroup::path_of;
-    let read = |p: &Path| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string());
-    if root.join("cgroup.controllers").exists() {
-        let dir = root.join(path_of(proc_root, "self", "").ok()?.trim_start_matches('/'));
-        let memory = read(&dir.join("memory.max")).and_then(|s| s.parse().ok());
-        let millicpus = read(&dir.join("cpu.max")).and_then(|s| {
-            let mut it = s.split_whitespace();
-            let (q, p) = (it.next()?.parse::<u64>().ok()?, it.next()?.parse::<u64>().ok()?);
-            Some(q * 1000 / p.max(1))
-        });
-        return Some(OwnLimits { memory, millicpus });
-    }
-    let mem_dir = root.join("memory").join(path_of(proc_root, "self", "memory").ok()?.trim_start_matches('/'));
-    // v1 reports "no limit" as a huge page-aligned number.
-    let memory =
-        read(&mem_dir.join("memory.limit_in_bytes")).and_then(|s| s.parse::<u64>().ok()).filter(|m| *m < 1 << 62);
-    let cpu_dir = root.join("cpu").join(path_of(proc_root, "self", "cpu").unwrap_or_default().trim_start_matches('/'));
-    let quota = read(&cpu_dir.join("cpu.cfs_quota_us")).and_then(|s| s.parse::<i64>().ok()).filter(|q| *q > 0);
-    let period = read(&cpu_dir.join("cpu.cfs_period_us")).and_then(|s| s.parse::<u64>().ok());
-    let millicpus = quota.zip(period).map(|(q, p)| q as u64 * 1000 / p.max(1));
-    Some(OwnLimits { memory, millicpus })
+/// The memory and CPU limits of the agent's own cgroup, v1 or v2, read by
+/// the shim library's cgroup driver (which writes the same files).
+fn own_cgroup_limits(root: &Path, proc_root: &Path) -> Option<berth_shim::cgroup::Ceiling> {
+    berth_shim::cgroup::ceiling_of(root, proc_root, "self").ok()
 }
 
 /// The plan `run` uses, from its flags and this node.

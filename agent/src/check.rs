@@ -163,8 +163,11 @@ fn proc_unmasked(proc_root: &Path) -> Item {
     let Ok(text) = std::fs::read_to_string(&file) else {
         return fail(N, format!("cannot read {}", file.display()), "mount procfs at /proc");
     };
-    let masked: Vec<&str> =
-        text.lines().filter_map(|l| l.split_whitespace().nth(4)).filter(|mp| mp.starts_with("/proc/")).collect();
+    let masked: Vec<String> = berth_shim::mountinfo::parse(&text)
+        .into_iter()
+        .filter(|m| m.mount_point.starts_with("/proc/"))
+        .map(|m| m.mount_point.display().to_string())
+        .collect();
     if masked.is_empty() {
         ok(N, "nothing is mounted over /proc paths")
     } else {

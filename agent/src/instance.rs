@@ -102,7 +102,7 @@ impl Instance {
     }
 
     pub fn socket(&self) -> PathBuf {
-        self.dir.join(berth_shim::spec::RUN_DIR).join(berth_shim::spec::SOCKET_NAME)
+        berth_shim::spec::socket_path(&self.dir)
     }
 }
 

@@ -133,12 +133,12 @@ fn identify(ctx: &Ctx, stream: &UnixStream) -> Client {
     let cgroup = pid
         .and_then(|p| std::fs::read_to_string(ctx.run.host.proc_root.join(p.to_string()).join("cgroup")).ok())
         .unwrap_or_default();
-    let shown = cgroup
-        .lines()
-        .find(|l| l.starts_with("0::"))
-        .or_else(|| cgroup.lines().find(|l| l.contains(":memory:")))
-        .and_then(|l| l.splitn(3, ':').nth(2))
-        .unwrap_or("?");
+    let entries = berth_shim::cgroup::parse_proc(&cgroup);
+    let shown = entries
+        .iter()
+        .find(|e| e.hierarchy == "0" && e.has(""))
+        .or_else(|| entries.iter().find(|e| e.has("memory")))
+        .map_or("?", |e| e.path.as_str());
     let display = format!("uid={uid} pid={} cgroup={shown}", pid.map(|p| p.to_string()).unwrap_or("?".into()));
     let key = match ctx.run.scope {
         Scope::Client => format!("uid={uid} gid={gid} cgroup={}", cgroup.trim()),

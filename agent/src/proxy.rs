@@ -130,11 +130,19 @@ impl Frames {
     }
 }
 
+/// Most bytes of the note a GOAWAY carries (well under the 16 KiB frame).
+const MAX_NOTE: usize = 4000;
+
 /// A GOAWAY frame on stream 0. Last-stream-id is the maximum, so clients
 /// treat their calls as processed (no transparent retry onto a fresh
 /// instance) and fail them with our debug data.
 fn goaway(note: &str) -> Vec<u8> {
-    let debug: &[u8] = &note.as_bytes()[..note.len().min(4000)];
+    // Cut at a char boundary: clients show the debug data as text.
+    let mut cut = note.len().min(MAX_NOTE);
+    while !note.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let debug: &[u8] = &note.as_bytes()[..cut];
     let len = 8 + debug.len();
     let mut f = Vec::with_capacity(9 + len);
     f.extend_from_slice(&(len as u32).to_be_bytes()[1..]);
@@ -192,5 +200,17 @@ mod tests {
         f.feed(&frame(SETTINGS, 0));
         f.feed(&g);
         assert!(f.at_boundary());
+    }
+
+    #[test]
+    fn goaway_note_is_cut_at_a_char_boundary() {
+        // 3999 ASCII bytes then a 3-byte char: a cut at 4000 would split it.
+        let note = format!("{}€tail", "x".repeat(MAX_NOTE - 1));
+        let g = goaway(&note);
+        let debug = &g[17..];
+        assert_eq!(debug.len(), MAX_NOTE - 1);
+        assert!(std::str::from_utf8(debug).is_ok());
+        assert_eq!(u32::from_be_bytes([0, g[0], g[1], g[2]]) as usize, 8 + debug.len());
+        assert_eq!(goaway(&"y".repeat(5000))[17..].len(), MAX_NOTE);
     }
 }

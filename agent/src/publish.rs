@@ -45,40 +45,22 @@ pub const FIELD_MANAGER: &str = "berth-agent";
 /// What RBAC the agent's ServiceAccount needs, for the log lines that say why a call was refused.
 pub const RBAC_FIX: &str = "grant the agent's ServiceAccount a ClusterRole with verbs get,patch on resource nodes and patch on nodes/status (the chart's RBAC does this)";
 
-/// The Go name of an architecture (`GOARCH`, as in the `kubernetes.io/arch` label).
-pub fn go_arch(rust_arch: &str) -> &str {
-    match rust_arch {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" if cfg!(target_endian = "little") => "ppc64le",
-        "powerpc64" => "ppc64",
-        "loongarch64" => "loong64",
-        "mips64" if cfg!(target_endian = "little") => "mips64le",
-        other => other,
-    }
-}
-
-/// This build's architecture, Go-named.
-pub fn this_arch() -> &'static str {
-    go_arch(std::env::consts::ARCH)
-}
-
-/// One reference token of a JSON pointer (RFC 6901): `~` -> `~0`, `/` -> `~1`.
-pub fn pointer_token(s: &str) -> String {
-    s.replace('~', "~0").replace('/', "~1")
-}
+pub use berth_shim::host::{go_arch, this_arch};
 
 /// The JSON patch (RFC 6902) of the Node status subresource that sets the
 /// extended resource's capacity and allocatable to `slots`. `add` on an
-/// object member sets it whether or not it exists.
-pub fn status_patch(resource: &str, slots: u64) -> Value {
-    let token = pointer_token(resource);
-    let quantity = slots.to_string();
-    json!([
-        {"op": "add", "path": format!("/status/capacity/{token}"), "value": quantity},
-        {"op": "add", "path": format!("/status/allocatable/{token}"), "value": quantity},
-    ])
+/// object member sets it whether or not it exists. The pointer tokens are
+/// escaped by `jsonptr` (`/` in the resource name becomes `~1`).
+pub fn status_patch(resource: &str, slots: u64) -> json_patch::Patch {
+    use json_patch::{jsonptr::PointerBuf, AddOperation, Patch, PatchOperation};
+    let quantity = Value::String(slots.to_string());
+    let add = |field: &str| {
+        PatchOperation::Add(AddOperation {
+            path: PointerBuf::from_tokens(["status", field, resource]),
+            value: quantity.clone(),
+        })
+    };
+    Patch(vec![add("capacity"), add("allocatable")])
 }
 
 /// The JSON merge patch (RFC 7386) of the Node's metadata.
@@ -320,9 +302,7 @@ impl Publisher {
     }
 
     async fn patch_status(&self, slots: u64) -> Result<(), CallError> {
-        // `Patch::Json` holds a `json_patch::Patch`, which deserializes from the ops.
-        let ops = status_patch(&self.settings.resource, slots);
-        let patch = Patch::Json::<()>(serde_json::from_value(ops).expect("a valid JSON patch"));
+        let patch = Patch::Json::<()>(status_patch(&self.settings.resource, slots));
         let pp = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
         self.call("patch node status", self.api.patch_status(&self.settings.node, &pp, &patch)).await
     }

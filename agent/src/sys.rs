@@ -4,7 +4,7 @@
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{chown, Gid, Pid, Uid};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
@@ -27,13 +27,7 @@ pub fn signal(pid: u32, sig: Signal) -> io::Result<()> {
     }
 }
 
-/// 12 hex chars from the kernel's random pool: short enough for socket
-/// paths and cgroup names, wide enough never to collide on one node.
-pub fn random_id() -> String {
-    let mut buf = [0u8; 6];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)).expect("/dev/urandom is readable");
-    buf.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use berth_shim::host::random_id;
 
 /// Every ancestor of `path` must let "others" search it, or the instance's
 /// mapped root (an unprivileged host uid) cannot reach its own dirs.
@@ -92,42 +86,9 @@ pub fn unmount(target: &Path) -> io::Result<()> {
     }
 }
 
-/// A line of `/proc/self/mountinfo`: the mount point, the root of the
-/// mounted tree within its filesystem, and the device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    pub mount_point: std::path::PathBuf,
-    pub root: std::path::PathBuf,
-    pub dev: String,
-}
+pub use berth_shim::mountinfo::MountEntry;
 
-/// Mounts of this mount namespace, with octal escapes (`\040`) decoded.
+/// Mounts of this mount namespace (parsed by the shim library's `mountinfo`).
 pub fn mounts(proc_root: &Path) -> Vec<MountEntry> {
-    let text = std::fs::read_to_string(proc_root.join("self/mountinfo")).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 4).then(|| MountEntry {
-                dev: f[2].to_string(),
-                root: unescape(f[3]).into(),
-                mount_point: unescape(f[4]).into(),
-            })
-        })
-        .collect()
-}
-
-fn unescape(s: &str) -> String {
-    let mut out = String::new();
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push(u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?') as char);
-            i += 4;
-        } else {
-            out.push(b[i] as char);
-            i += 1;
-        }
-    }
-    out
+    berth_shim::mountinfo::read(proc_root).unwrap_or_default()
 }

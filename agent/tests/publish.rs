@@ -20,14 +20,6 @@ const STATUS: &str = "/api/v1/nodes/node-a/status";
 const META: &str = "/api/v1/nodes/node-a";
 const RESOURCE: &str = "berth.dev/build";
 
-fn go_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
-}
-
 /// Short intervals so retries take milliseconds.
 fn fast(node: &str) -> Settings {
     let mut s = Settings::new(node, RESOURCE);
@@ -167,14 +159,14 @@ async fn metadata_patch_carries_version_arch_and_slots() {
     assert_eq!(
         body,
         json!({"metadata": {
-            "labels": {"berth.dev/agent-version": env!("CARGO_PKG_VERSION"), "berth.dev/arch": go_arch()},
+            "labels": {"berth.dev/agent-version": env!("CARGO_PKG_VERSION"), "berth.dev/arch": berth_shim::host::this_arch()},
             "annotations": {"berth.dev/slots": "6", "berth.dev/builds-in-use": "0"},
         }})
     );
     let meta = api.node("node-a").metadata;
     let labels = meta.labels.unwrap();
     assert_eq!(labels["berth.dev/agent-version"], env!("CARGO_PKG_VERSION"));
-    assert_eq!(labels["berth.dev/arch"], go_arch());
+    assert_eq!(labels["berth.dev/arch"], berth_shim::host::this_arch());
     assert_eq!(labels["kubernetes.io/arch"], "amd64", "a merge patch keeps the other labels");
     assert_eq!(meta.annotations.unwrap()["berth.dev/slots"], "6");
 }
@@ -488,7 +480,9 @@ impl Drop for Agent {
 
 fn can_run_agent() -> bool {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: `berth-agent run` needs root (cgroups, id maps)");
+        eprintln!(
+            "SKIPPED: this test runs `berth-agent run`, which needs root (cgroups, id maps); run the suite as root"
+        );
         return false;
     }
     true
@@ -520,7 +514,7 @@ async fn agent_run_publishes_its_slots_when_node_name_is_set() {
     let node = api.node("node-a");
     assert_eq!(node.status.unwrap().capacity.unwrap()[RESOURCE].0, "3");
     let meta = node.metadata;
-    assert_eq!(meta.labels.unwrap()["berth.dev/arch"], go_arch());
+    assert_eq!(meta.labels.unwrap()["berth.dev/arch"], berth_shim::host::this_arch());
     assert_eq!(meta.annotations.unwrap()["berth.dev/builds-in-use"], "0");
     let log = agent.stop().await;
     assert!(log.contains("published build slots"), "{log}");

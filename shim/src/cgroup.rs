@@ -7,7 +7,6 @@
 //! We do not use cgroups-rs here: it discovers hierarchies from the live
 //! `/proc/self/mountinfo` and cannot be pointed at a temp tree, and the few
 //! files we need are simpler to write than to adapt.
-#![forbid(unsafe_code)]
 
 mod v1;
 mod v2;
@@ -218,20 +217,75 @@ pub fn remove_dir(dir: &Path, timeout: Duration) -> Result<(), CgroupError> {
     }
 }
 
+/// One line of `/proc/<pid>/cgroup`: `hierarchy-id:controllers:path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcCgroup {
+    pub hierarchy: String,
+    /// Comma-separated controllers (`cpu,cpuacct`, `name=systemd`); empty on
+    /// the v2 line.
+    pub controllers: String,
+    pub path: String,
+}
+
+impl ProcCgroup {
+    /// Whether this line is for `controller` (`""` names the v2 line).
+    pub fn has(&self, controller: &str) -> bool {
+        if controller.is_empty() {
+            self.controllers.is_empty()
+        } else {
+            self.controllers.split(',').any(|c| c == controller)
+        }
+    }
+}
+
+/// Parses the text of `/proc/<pid>/cgroup`; malformed lines are skipped.
+pub fn parse_proc(text: &str) -> Vec<ProcCgroup> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(3, ':');
+            let (hierarchy, controllers, path) = (it.next()?, it.next()?, it.next()?);
+            Some(ProcCgroup { hierarchy: hierarchy.into(), controllers: controllers.into(), path: path.into() })
+        })
+        .collect()
+}
+
+/// The entries of `<proc>/<pid>/cgroup` (`pid` may be `self`).
+pub fn proc_cgroups(proc_root: &Path, pid: &str) -> Result<Vec<ProcCgroup>, CgroupError> {
+    let file = proc_root.join(pid).join("cgroup");
+    Ok(parse_proc(&fs::read_to_string(&file).map_err(io_err(&file))?))
+}
+
 /// The cgroup path `<proc>/<pid>/cgroup` gives for a controller (`""` is the
 /// v2 entry). Used for the agent's own cgroup and for peer identity.
 pub fn path_of(proc_root: &Path, pid: &str, controller: &str) -> Result<String, CgroupError> {
-    let file = proc_root.join(pid).join("cgroup");
-    let text = fs::read_to_string(&file).map_err(io_err(&file))?;
-    for line in text.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (_, ctrls, path) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-        let hit = if controller.is_empty() { ctrls.is_empty() } else { ctrls.split(',').any(|c| c == controller) };
-        if hit {
-            return Ok(path.to_string());
-        }
+    match proc_cgroups(proc_root, pid)?.into_iter().find(|e| e.has(controller)) {
+        Some(e) => Ok(e.path),
+        None => Err(CgroupError::Layout {
+            path: proc_root.join(pid).join("cgroup"),
+            msg: format!("no entry for controller {controller:?}"),
+        }),
     }
-    Err(CgroupError::Layout { path: file, msg: format!("no entry for controller {controller:?}") })
+}
+
+/// The memory and CPU ceilings of a cgroup; `None` where it sets none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ceiling {
+    pub memory: Option<u64>,
+    /// CPU quota in millicores.
+    pub millicpus: Option<u64>,
+}
+
+/// The ceilings of the cgroup `<proc>/<pid>` is in, v1 or v2 (the agent's
+/// own, for its capacity plan). The files are the ones `create` writes.
+pub fn ceiling_of(root: &Path, proc_root: &Path, pid: &str) -> Result<Ceiling, CgroupError> {
+    let entries = proc_cgroups(proc_root, pid)?;
+    let rel = |c: &str| entries.iter().find(|e| e.has(c)).map(|e| e.path.trim_start_matches('/').to_string());
+    if root.join("cgroup.controllers").exists() {
+        return Ok(v2::ceiling(&root.join(rel("").unwrap_or_default())));
+    }
+    let mem = rel("memory").map(|r| root.join("memory").join(r));
+    let cpu = rel("cpu").map(|r| root.join("cpu").join(r));
+    Ok(v1::ceiling(mem.as_deref(), cpu.as_deref()))
 }
 
 #[cfg(test)]

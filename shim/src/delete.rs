@@ -5,7 +5,6 @@
 //! It kills what the pid files name, but only if the very process still
 //! runs (pid plus start time: a recycled pid is never signalled), then runs
 //! the shim's own teardown steps. Running it twice is fine.
-#![forbid(unsafe_code)]
 
 use crate::spec::{EndReason, Outcome, PidStamp, Spec, DAEMON_PID_FILE, SHIM_PID_FILE};
 use crate::teardown;

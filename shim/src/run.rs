@@ -10,7 +10,6 @@
 //!
 //! The daemon's stdout and stderr are a pipe the shim copies to daemon.log,
 //! up to the spec's cap (see `output`).
-#![forbid(unsafe_code)]
 
 mod child;
 mod output;

@@ -13,7 +13,6 @@
 //!
 //! Everything needed to clean an instance up is in these files, so that
 //! `berth-shim delete <dir>` works after both agent and shim are gone.
-#![forbid(unsafe_code)]
 
 use serde::{Deserialize, Serialize};
 use std::fs;
@@ -124,6 +123,12 @@ pub struct Spec {
     pub log_cap_bytes: u64,
 }
 
+/// The daemon's socket inside an instance dir; the agent dials it, the
+/// shim probes it, the tests look for it.
+pub fn socket_path(instance_dir: &Path) -> PathBuf {
+    instance_dir.join(RUN_DIR).join(SOCKET_NAME)
+}
+
 impl Spec {
     pub fn root_dir(&self) -> PathBuf {
         self.dir.join(ROOT_DIR)
@@ -135,7 +140,7 @@ impl Spec {
         self.dir.join(HOME_DIR)
     }
     pub fn socket(&self) -> PathBuf {
-        self.run_dir().join(SOCKET_NAME)
+        socket_path(&self.dir)
     }
     pub fn load(dir: &Path) -> Result<Spec, SpecError> {
         let path = dir.join(SPEC_FILE);

@@ -6,7 +6,6 @@
 //! Every step that fails leaves a line naming its path or pid in
 //! `Outcome.leftovers`, and the next step still runs: a half-done teardown
 //! that reports exactly what is left beats one that stops at the first error.
-#![forbid(unsafe_code)]
 
 pub mod mounts;
 

@@ -26,7 +26,6 @@
 //! fds open; deeper ancestors are closed and reopened through `..` on the
 //! way back, checked against their recorded device and inode. Memory is one
 //! name list per level of the current path.
-#![forbid(unsafe_code)]
 
 mod ops;
 #[cfg(test)]

@@ -7,7 +7,10 @@
 //! - [`fakekitd`]: the stand-in build daemon (the `fakekitd` binary is a thin main).
 //! - [`harness`]: drives the real `berth-agent`, `berth-shim`, `fakekitd` and
 //!   `fakeclient` binaries for the end-to-end suites in `tests/`.
+//! - [`bench`]: the benchmark suite (the `berth-bench` binary is a thin main);
+//!   it drives its agents through the harness's command line and log buffer.
 
+pub mod bench;
 pub mod fakekitd;
 pub mod grpc;
 pub mod harness;

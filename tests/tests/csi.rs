@@ -137,6 +137,8 @@ async fn identity_and_node_info() {
     assert!(!ni.node_id.is_empty());
     let arch = &ni.accessible_topology.unwrap().segments["kubernetes.io/arch"];
     assert!(arch == "amd64" || arch == "arm64", "{arch}");
+    // The same name the Node label `berth.dev/arch` carries (one function).
+    assert_eq!(arch, berth_agent::publish::this_arch());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -327,7 +327,9 @@ async fn fork_children_live_until_sigterm_which_exits_1() {
 async fn fork_reports_the_pids_limit() {
     let pids_root = Path::new("/sys/fs/cgroup/pids");
     if !pids_root.join("cgroup.procs").exists() {
-        eprintln!("skipped: no cgroup v1 pids hierarchy");
+        eprintln!(
+            "SKIPPED: fork_reports_the_pids_limit: no cgroup v1 pids hierarchy at /sys/fs/cgroup/pids on this host"
+        );
         return;
     }
     let d = Daemon::start(&[]).await;

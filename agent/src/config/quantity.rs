@@ -31,27 +31,51 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
             ))
         }
     };
-    let value: f64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
-    let bytes = value * mult as f64;
-    if !bytes.is_finite() || bytes > u64::MAX as f64 {
-        return Err(format!("{s:?} is too large"));
+    match scaled(num, mult) {
+        Ok(b) if b <= u64::MAX as u128 => Ok(b as u64),
+        Ok(_) | Err(Scaled::TooLarge) => Err(format!("{s:?} is too large")),
+        Err(Scaled::NotANumber) => Err(format!("{s:?} is not a size")),
     }
-    Ok(bytes.round() as u64)
+}
+
+enum Scaled {
+    NotANumber,
+    TooLarge,
+}
+
+/// `num` (digits with at most one `.`) times `mult`, rounded to the nearest
+/// integer, in exact integer arithmetic: through f64 an integer above 2^53
+/// would lose its low bits.
+fn scaled(num: &str, mult: u64) -> Result<u128, Scaled> {
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    let digits = |d: &str| d.bytes().all(|b| b.is_ascii_digit());
+    if (int.is_empty() && frac.is_empty()) || !digits(int) || !digits(frac) {
+        return Err(Scaled::NotANumber);
+    }
+    let int: u128 = if int.is_empty() { 0 } else { int.parse().map_err(|_| Scaled::TooLarge)? };
+    // 20 fraction digits are finer than any multiplier (at most 2^60) can
+    // show, and keep `frac * mult` within u128.
+    let frac = &frac[..frac.len().min(20)];
+    let (f, den) = (if frac.is_empty() { 0 } else { frac.parse::<u128>().unwrap_or(0) }, 10u128.pow(frac.len() as u32));
+    let whole = int.checked_mul(mult as u128).ok_or(Scaled::TooLarge)?;
+    whole.checked_add((f * mult as u128 + den / 2) / den).ok_or(Scaled::TooLarge)
 }
 
 /// Parses a CPU amount into millicores: `2` is 2000, `0.5` and `500m` are 500.
 pub fn parse_millicpus(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, scale) = match s.strip_suffix('m') {
-        Some(n) => (n, 1.0),
-        None => (s, 1000.0),
+        Some(n) => (n, 1),
+        None => (s, 1000),
     };
-    let value: f64 = num.parse().map_err(|_| format!("{s:?} is not a CPU amount: use 2, 0.5 or 500m"))?;
-    let millis = (value * scale).round();
-    if millis < 1.0 || millis.is_nan() || !millis.is_finite() {
-        return Err(format!("{s:?} is not a positive CPU amount (at least 1m)"));
+    let not_positive = || format!("{s:?} is not a positive CPU amount (at least 1m)");
+    match scaled(num.strip_prefix('-').unwrap_or(num), scale) {
+        _ if num.starts_with('-') => Err(not_positive()),
+        Ok(0) => Err(not_positive()),
+        Ok(m) if m <= u64::MAX as u128 => Ok(m as u64),
+        Ok(_) | Err(Scaled::TooLarge) => Err(format!("{s:?} is too large a CPU amount")),
+        Err(Scaled::NotANumber) => Err(format!("{s:?} is not a CPU amount: use 2, 0.5 or 500m")),
     }
-    Ok(millis as u64)
 }
 
 /// Like `parse_millicpus`, but 0 is allowed (a reserve of nothing).
@@ -90,6 +114,21 @@ mod tests {
         assert!(parse_bytes("Gi").is_err());
         assert!(parse_bytes("").is_err());
         assert!(parse_bytes("1.2.3Mi").is_err());
+        assert!(parse_bytes(".").is_err());
+        assert_eq!(parse_bytes(".5Ki").unwrap(), 512);
+    }
+
+    #[test]
+    fn sizes_are_exact_above_2_pow_53() {
+        // Through f64 these lose their low bits or round up past u64::MAX.
+        assert_eq!(parse_bytes("9007199254740993").unwrap(), (1 << 53) + 1);
+        assert_eq!(parse_bytes("18446744073709551615").unwrap(), u64::MAX);
+        assert!(parse_bytes("18446744073709551616").unwrap_err().contains("too large"));
+        assert_eq!(parse_bytes("8Ei").unwrap(), 1 << 63);
+        assert!(parse_bytes("16Ei").unwrap_err().contains("too large"));
+        assert_eq!(parse_bytes("9007199254740993k").unwrap(), 9_007_199_254_740_993_000);
+        assert_eq!(parse_bytes("0.000000001Gi").unwrap(), 1);
+        assert_eq!(parse_millicpus("9007199254740993m").unwrap(), (1 << 53) + 1);
     }
 
     #[test]
@@ -100,6 +139,8 @@ mod tests {
         assert!(parse_millicpus("0").is_err());
         assert!(parse_millicpus("-1").is_err());
         assert!(parse_millicpus("two").is_err());
+        assert!(parse_millicpus("0.0004").is_err());
+        assert_eq!(parse_millicpus("1.5").unwrap(), 1500);
     }
 
     #[test]

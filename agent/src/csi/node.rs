@@ -16,15 +16,6 @@ use tracing::{info, warn};
 
 pub struct Node(pub Arc<Csi>);
 
-/// `kubernetes.io/arch` in Go's names.
-pub fn go_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
-}
-
 #[tonic::async_trait]
 impl node_server::Node for Node {
     async fn node_publish_volume(
@@ -142,7 +133,8 @@ impl node_server::Node for Node {
     }
 
     async fn node_get_info(&self, _: Request<NodeGetInfoRequest>) -> Result<Response<NodeGetInfoResponse>, Status> {
-        let segments = [("kubernetes.io/arch".to_string(), go_arch().to_string())].into_iter().collect();
+        let segments =
+            [("kubernetes.io/arch".to_string(), berth_shim::host::this_arch().to_string())].into_iter().collect();
         Ok(Response::new(NodeGetInfoResponse {
             node_id: self.0.ctx.node_name.clone(),
             max_volumes_per_node: 0,

@@ -108,3 +108,47 @@ fn path_of_reads_v1_and_v2_entries() {
     assert_eq!(path_of(t.path(), "7", "").unwrap(), "/u");
     assert!(path_of(t.path(), "7", "pids").is_err());
 }
+
+#[test]
+fn parse_proc_keeps_paths_with_colons() {
+    let e = parse_proc("3:name=systemd:/a:b\n0::/u\nbroken\n");
+    assert_eq!(e.len(), 2);
+    assert_eq!(e[0].path, "/a:b");
+    assert!(e[0].has("name=systemd") && !e[0].has(""));
+    assert!(e[1].has(""));
+}
+
+#[test]
+fn ceiling_reads_v2_limits_and_max() {
+    let t = tempfile::tempdir().unwrap();
+    let (root, proc_root) = (t.path().join("cg"), t.path().join("proc"));
+    fs::create_dir_all(root.join("pod")).unwrap();
+    fs::create_dir_all(proc_root.join("self")).unwrap();
+    fs::write(root.join("cgroup.controllers"), "cpu memory\n").unwrap();
+    fs::write(proc_root.join("self/cgroup"), "0::/pod\n").unwrap();
+    fs::write(root.join("pod/memory.max"), "2147483648\n").unwrap();
+    fs::write(root.join("pod/cpu.max"), "150000 100000\n").unwrap();
+    let c = ceiling_of(&root, &proc_root, "self").unwrap();
+    assert_eq!(c, Ceiling { memory: Some(2 << 30), millicpus: Some(1500) });
+    fs::write(root.join("pod/memory.max"), "max\n").unwrap();
+    fs::write(root.join("pod/cpu.max"), "max 100000\n").unwrap();
+    assert_eq!(ceiling_of(&root, &proc_root, "self").unwrap(), Ceiling::default());
+}
+
+#[test]
+fn ceiling_reads_v1_limits_and_ignores_unlimited() {
+    let t = tempfile::tempdir().unwrap();
+    let (root, proc_root) = (t.path().join("cg"), t.path().join("proc"));
+    fs::create_dir_all(root.join("memory/a")).unwrap();
+    fs::create_dir_all(root.join("cpu/b")).unwrap();
+    fs::create_dir_all(proc_root.join("9")).unwrap();
+    fs::write(proc_root.join("9/cgroup"), "4:memory:/a\n2:cpu,cpuacct:/b\n").unwrap();
+    fs::write(root.join("memory/a/memory.limit_in_bytes"), "1073741824\n").unwrap();
+    fs::write(root.join("cpu/b/cpu.cfs_quota_us"), "50000\n").unwrap();
+    fs::write(root.join("cpu/b/cpu.cfs_period_us"), "100000\n").unwrap();
+    let c = ceiling_of(&root, &proc_root, "9").unwrap();
+    assert_eq!(c, Ceiling { memory: Some(1 << 30), millicpus: Some(500) });
+    fs::write(root.join("memory/a/memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
+    fs::write(root.join("cpu/b/cpu.cfs_quota_us"), "-1\n").unwrap();
+    assert_eq!(ceiling_of(&root, &proc_root, "9").unwrap(), Ceiling::default());
+}

@@ -77,3 +77,13 @@ pub(super) fn usage(spec: &CgroupSpec) -> Usage {
         pids_limit_hits: spec.dir_of("pids").and_then(|d| keyed(&d.join("pids.events"), "max")).unwrap_or(0),
     }
 }
+
+/// `memory.limit_in_bytes` and the CFS quota over its period. v1 reports
+/// "no limit" as a huge page-aligned number, and a quota of -1.
+pub(super) fn ceiling(mem: Option<&Path>, cpu: Option<&Path>) -> super::Ceiling {
+    let memory = mem.and_then(|d| read_u64(&d.join("memory.limit_in_bytes"))).filter(|m| *m < 1 << 62);
+    let quota = cpu.and_then(|d| fs::read_to_string(d.join("cpu.cfs_quota_us")).ok()?.trim().parse::<i64>().ok());
+    let period = cpu.and_then(|d| read_u64(&d.join("cpu.cfs_period_us")));
+    let millicpus = quota.filter(|q| *q > 0).zip(period).map(|(q, p)| q as u64 * 1000 / p.max(1));
+    super::Ceiling { memory, millicpus }
+}

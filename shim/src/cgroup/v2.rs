@@ -69,3 +69,13 @@ pub(super) fn usage(spec: &CgroupSpec) -> Usage {
         pids_limit_hits: keyed(&d.join("pids.events"), "max").unwrap_or(0),
     }
 }
+
+/// `memory.max` and `cpu.max` of `dir`; `max` reads as no limit.
+pub(super) fn ceiling(dir: &Path) -> super::Ceiling {
+    let cpu = fs::read_to_string(dir.join("cpu.max")).ok().and_then(|s| {
+        let mut it = s.split_whitespace();
+        let (q, p) = (it.next()?.parse::<u64>().ok()?, it.next()?.parse::<u64>().ok()?);
+        Some(q * 1000 / p.max(1))
+    });
+    super::Ceiling { memory: read_u64(&dir.join("memory.max")), millicpus: cpu }
+}

@@ -7,7 +7,6 @@
 //! buffer: it allocates nothing on the heap. That matters less here than
 //! after a fork in a threaded program (the shim is single-threaded, so no
 //! lock can be held), but it keeps the child's path short and predictable.
-#![forbid(unsafe_code)]
 
 use super::RunError;
 use crate::spec::Spec;

@@ -2,7 +2,6 @@
 //! (SIGCHLD, SIGTERM, SIGINT, SIGHUP), the agent's lifeline on stdin, the
 //! child's exec-error pipe until exec has happened, and the daemon's output
 //! pipe until its EOF.
-#![forbid(unsafe_code)]
 
 use super::output::Output;
 use crate::spec::EndReason;

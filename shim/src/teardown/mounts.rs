@@ -5,43 +5,19 @@
 //! operator, a CSI call or a bug) that would pin the dir. They are detached
 //! deepest first, so a parent is never detached from under a child that is
 //! still named in the table.
-#![forbid(unsafe_code)]
 
+use crate::mountinfo;
 use nix::errno::Errno;
 use nix::mount::{umount2, MntFlags};
-use std::ffi::OsString;
 use std::fs;
 use std::io;
-use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
-
-/// Decodes the octal escapes mountinfo uses for space, tab, newline and
-/// backslash (`\040`, `\011`, `\012`, `\134`).
-pub fn unescape(field: &str) -> PathBuf {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
-            if v <= 255 {
-                out.push(v as u8);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    PathBuf::from(OsString::from_vec(out))
-}
 
 /// Mount points at or below `dir`, deepest first (stacked mounts appear
 /// once per mount, so each gets its own umount).
 pub fn below(proc_root: &Path, dir: &Path) -> io::Result<Vec<PathBuf>> {
-    let table = fs::read_to_string(proc_root.join("self/mountinfo"))?;
     let mut found: Vec<PathBuf> =
-        table.lines().filter_map(|l| l.split(' ').nth(4)).map(unescape).filter(|m| m.starts_with(dir)).collect();
+        mountinfo::read(proc_root)?.into_iter().map(|m| m.mount_point).filter(|m| m.starts_with(dir)).collect();
     found.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
     Ok(found)
 }
@@ -58,7 +34,7 @@ pub fn unmount_below(proc_root: &Path, dir: &Path) -> Vec<String> {
     };
     let mounts = match below(proc_root, &dir) {
         Ok(m) => m,
-        Err(e) => return vec![format!("{}: {e}", proc_root.join("self/mountinfo").display())],
+        Err(e) => return vec![e.to_string()],
     };
     let mut errors = Vec::new();
     for m in mounts {
@@ -74,13 +50,6 @@ pub fn unmount_below(proc_root: &Path, dir: &Path) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn unescapes_mountinfo_octal() {
-        assert_eq!(unescape(r"/a\040b\011c\012d\134e"), PathBuf::from("/a b\tc\nd\\e"));
-        assert_eq!(unescape(r"/plain\09"), PathBuf::from(r"/plain\09"));
-        assert_eq!(unescape(r"/end\04"), PathBuf::from(r"/end\04"));
-    }
 
     #[test]
     fn finds_mounts_below_deepest_first_and_not_siblings() {

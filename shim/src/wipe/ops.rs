@@ -1,6 +1,5 @@
 //! The single-entry operations of the wipe: open a directory without
 //! following symlinks or crossing mounts, list it, remove an entry.
-#![forbid(unsafe_code)]
 
 use super::{WipeError, MAX_UMOUNTS};
 use nix::dir::{Dir, Type};

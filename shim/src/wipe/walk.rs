@@ -1,6 +1,5 @@
 //! The iterative walk behind [`super::remove_tree`]: a stack of directory
 //! frames, each with the names still to remove, processed depth first.
-#![forbid(unsafe_code)]
 
 use super::ops::{list, mnt_id, open_dir, remove, Boundary, Names, DIR_FLAGS};
 use super::{WipeError, FD_WINDOW, MAX_UMOUNTS};

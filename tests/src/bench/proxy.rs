@@ -10,7 +10,7 @@
 //!   sends).
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
@@ -58,9 +58,8 @@ fn copy(listen: PathBuf, up: PathBuf) -> i32 {
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    // A bigger pipe moves more per splice call (default 64 KiB).
-    // SAFETY: fcntl on an fd we own.
-    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+    // A bigger pipe moves more per splice call (default 64 KiB); best effort.
+    let _ = nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
     Ok((r, w))
 }
 
@@ -68,37 +67,27 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// `dst`'s write side.
 fn pump(src: &UnixStream, dst: &UnixStream) -> io::Result<()> {
     let (pr, pw) = pipe()?;
-    let flags = libc::SPLICE_F_MOVE;
+    use nix::errno::Errno;
+    use nix::fcntl::{splice, SpliceFFlags};
+    let flags = SpliceFFlags::SPLICE_F_MOVE;
     loop {
-        // SAFETY: splice between fds we own; null offsets (sockets, pipes).
-        let n = unsafe {
-            libc::splice(src.as_raw_fd(), std::ptr::null_mut(), pw.as_raw_fd(), std::ptr::null_mut(), 1 << 20, flags)
+        // Null offsets: sockets and pipes have none.
+        let n = match splice(src, None, &pw, None, 1 << 20, flags) {
+            Ok(n) => n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
         if n == 0 {
             let _ = dst.shutdown(std::net::Shutdown::Write);
             return Ok(());
         }
-        let mut left = n as usize;
+        let mut left = n;
         while left > 0 {
-            // SAFETY: as above.
-            let m = unsafe {
-                libc::splice(pr.as_raw_fd(), std::ptr::null_mut(), dst.as_raw_fd(), std::ptr::null_mut(), left, flags)
-            };
-            if m < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
+            match splice(&pr, None, dst, None, left, flags) {
+                Ok(m) => left -= m,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
             }
-            left -= m as usize;
         }
     }
 }

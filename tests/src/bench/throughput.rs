@@ -9,8 +9,8 @@
 use crate::bench::env::{self, cpu_time, BenchAgent, Conn, CALL_TIMEOUT};
 use crate::bench::report::{p50, summary, Goal, Row};
 use crate::bench::{Ctx, Figure};
+use crate::proto::fake::EchoMessage;
 use anyhow::{anyhow, bail, Context, Result};
-use berth_tests::proto::fake::EchoMessage;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -89,7 +89,7 @@ impl RefProxy {
         let live = Arc::new(std::sync::atomic::AtomicU32::new(child.id()));
         let undo = env::register(env::Undo::Pid(live.clone()));
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !berth_tests::harness::socket_listening(&socket) {
+        while !crate::harness::socket_listening(&socket) {
             if Instant::now() >= deadline {
                 bail!("reference proxy {mode} did not listen");
             }
@@ -162,7 +162,7 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
     let splice = RefProxy::start("splice", &tmp, &direct).await?;
 
     let mut pattern = vec![0u8; plan.tp_chunk];
-    berth_tests::pattern::fill(0, &mut pattern);
+    crate::pattern::fill(0, &mut pattern);
     let chunk = Arc::new(pattern);
     let paths: [(&str, PathBuf, Option<u32>); 4] = [
         ("direct", direct.clone(), None),

@@ -22,7 +22,6 @@ use crate::bench::{Ctx, Figure};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
 use std::fs;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -53,7 +52,7 @@ pub fn write_tree(root: &Path, files: usize, bytes: u64, owner: Option<(u32, u32
     let dirs = files.clamp(1, 100);
     let per_file = (bytes / files.max(1) as u64) as usize;
     let mut data = vec![0u8; per_file];
-    berth_tests::pattern::fill(0, &mut data);
+    crate::pattern::fill(0, &mut data);
     // Never recreate parents: after a signal's cleanup removed them, a
     // late writer must fail, not bring the temp dir back.
     env::park_if_shutting_down();
@@ -82,11 +81,7 @@ pub fn write_tree(root: &Path, files: usize, bytes: u64, owner: Option<(u32, u32
 
 pub fn syncfs(path: &Path) -> Result<()> {
     let f = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
-    // SAFETY: syncfs on an fd we own.
-    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("syncfs {}", path.display()));
-    }
-    Ok(())
+    nix::unistd::syncfs(&f).with_context(|| format!("syncfs {}", path.display()))
 }
 
 fn ms(d: Duration) -> f64 {

@@ -77,16 +77,6 @@ fn default_addr() -> String {
     }
 }
 
-fn random_token() -> String {
-    use std::io::Read;
-    let mut b = [0u8; 12];
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_err() {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-        b[..8].copy_from_slice(&(t as u64 ^ ((std::process::id() as u64) << 32)).to_le_bytes());
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// Binds a unix listener at `path`, replacing a stale socket file (not any
 /// other kind of file) and creating the parent dir.
 fn bind(path: &Path) -> io::Result<UnixListener> {
@@ -126,7 +116,7 @@ async fn run(args: args::Args, argv: Vec<String>) -> i32 {
     let exe = std::env::current_exe()
         .or_else(|_| std::fs::read_link("/proc/self/exe"))
         .unwrap_or_else(|_| PathBuf::from(std::env::args().next().unwrap_or_default()));
-    let state = Arc::new(State::new(root.clone(), addrs.clone(), argv, random_token(), exe));
+    let state = Arc::new(State::new(root.clone(), addrs.clone(), argv, berth_shim::host::random_hex(12), exe));
 
     let serve = async {
         let mut listeners = Vec::new();
