@@ -29,11 +29,6 @@ fn agent_run_flags() -> BTreeSet<String> {
     flags
 }
 
-fn parse_agent_args(label: &str, args: &[String]) -> Cli {
-    let argv = std::iter::once("berth-agent".to_string()).chain(args.iter().cloned());
-    Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{label}: the agent rejects the chart's args {args:?}:\n{e}"))
-}
-
 #[test]
 fn every_rendered_flag_is_one_the_agent_accepts() {
     let accepted = agent_run_flags();

@@ -320,6 +320,12 @@ fn check_selinux(whose: &str, se: &Value, v: &mut Vec<String>) {
     }
 }
 
+/// The agent's own parse of the args the chart renders (flags tests and others).
+fn parse_agent_args(label: &str, args: &[String]) -> Cli {
+    let argv = std::iter::once("berth-agent".to_string()).chain(args.iter().cloned());
+    Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{label}: the agent rejects the chart's args {args:?}:\n{e}"))
+}
+
 mod daemonset;
 mod docs;
 mod examples;
