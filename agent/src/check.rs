@@ -165,7 +165,8 @@ fn proc_unmasked(proc_root: &Path) -> Item {
     };
     let masked: Vec<String> = berth_shim::mountinfo::parse(&text)
         .into_iter()
-        .filter(|m| m.mount_point.starts_with("/proc/"))
+        // Below /proc, not /proc itself (Path::starts_with compares components).
+        .filter(|m| m.mount_point.starts_with("/proc") && m.mount_point != Path::new("/proc"))
         .map(|m| m.mount_point.display().to_string())
         .collect();
     if masked.is_empty() {

@@ -237,8 +237,10 @@ fn daemon_runs_mapped_in_its_namespaces_and_lifeline_close_tears_down() {
 
 /// Runs `sh -c script` as the daemon, waits for its "hi" in daemon.log,
 /// SIGTERMs the shim and returns its outcome.
-fn term_after_hi(script: &str) -> (Inst, Outcome, ExitStatus) {
-    let inst = setup("/bin/sh", &["-c", script]);
+fn term_after_hi(script: &str, grace_ms: u64) -> (Inst, Outcome, ExitStatus) {
+    let mut inst = setup("/bin/sh", &["-c", script]);
+    inst.spec.stop_grace_ms = grace_ms;
+    inst.spec.store().unwrap();
     let child = spawn(&inst);
     wait_for("hi in daemon.log", || {
         fs::read_to_string(inst.dir.join(DAEMON_LOG_FILE)).unwrap_or_default().contains("hi")
@@ -251,7 +253,7 @@ fn term_after_hi(script: &str) -> (Inst, Outcome, ExitStatus) {
 #[test]
 fn sigterm_stops_a_daemon_that_handles_it_within_the_grace() {
     let script = r#"trap 'echo bye >&2; exit 0' TERM; echo hi >&2; while :; do sleep 0.05; done"#;
-    let (inst, out, status) = term_after_hi(script);
+    let (inst, out, status) = term_after_hi(script, 300);
     assert_eq!(out.reason, EndReason::Stopped);
     assert_eq!((out.exit_code, out.signal), (Some(0), None), "{out:?}");
     assert!(out.stderr_tail.contains("hi\nbye"), "{out:?}");
@@ -265,7 +267,9 @@ fn output_of_a_daemon_stopping_within_the_grace_is_drained_so_it_exits_cleanly()
     // shim reads while it waits out the grace, the daemon blocks and is
     // SIGKILLed instead of exiting 0.
     let script = r#"trap 'yes bye | head -c 1048576 >&2; echo done >&2; exit 0' TERM; echo hi >&2; while :; do sleep 0.05; done"#;
-    let (inst, out, status) = term_after_hi(script);
+    // A grace long enough for 1 MiB on a loaded machine: without the
+    // draining the daemon blocks for good and is SIGKILLed after it anyway.
+    let (inst, out, status) = term_after_hi(script, 20_000);
     assert_eq!(out.reason, EndReason::Stopped);
     assert_eq!((out.exit_code, out.signal), (Some(0), None), "{out:?}");
     assert!(out.stderr_tail.ends_with("bye\nbye\ndone"), "{out:?}");

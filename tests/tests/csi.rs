@@ -319,8 +319,15 @@ async fn restart_relistens_for_live_volumes_and_wipes_gone_ones() {
     // Pod b went away while the agent was down: kubelet unmounted it.
     nix::mount::umount2(&tb, nix::mount::MntFlags::MNT_DETACH).unwrap();
     agent.restart_async().await;
+    // The node socket listens before the CSI side re-listens for published
+    // pods (run binds it first): wait for the pod's socket, then call.
+    let sock = ta.join("buildkitd.sock");
+    let every = Duration::from_millis(20);
+    berth_tests::harness::poll_async(WAIT, every, || berth_tests::harness::socket_listening(&sock).then_some(()))
+        .await
+        .expect("the pod's socket listens again after the restart");
     // Pod a keeps working through the same mount, on a fresh instance.
-    let after = ping(&ta.join("buildkitd.sock")).await.expect("published pod works after restart");
+    let after = ping(&sock).await.expect("published pod works after restart");
     assert_ne!(before.token, after.token);
     assert!(!agent.dir().join("run/pods/csi-vol-rb").exists(), "gone volume's dir wiped");
     assert!(agent.dir().join("run/pods/csi-vol-ra").exists());
