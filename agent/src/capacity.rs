@@ -2,7 +2,7 @@
 //! once, which resource binds, what is left over, and how many nodes a pool
 //! needs for a target concurrency. `run` uses it for `--max-builds auto`,
 //! `capacity` prints it for platform teams.
-#![forbid(unsafe_code)]
+
 
 use crate::config::quantity::format_bytes;
 use crate::config::{CapacityArgs, LimitArgs, MaxBuilds, OutputFormat};

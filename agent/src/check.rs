@@ -5,11 +5,11 @@
 //! `--cgroup-root`, `--etc-root`, `--state-dir`), so the tests run it on
 //! fake host trees; the user-namespace clone probe runs only against the
 //! real /proc.
-#![forbid(unsafe_code)]
+
 
 use crate::config::CheckArgs;
 use crate::idmap::IdPool;
-use crate::serve::{find_shim, which};
+use crate::run::{find_shim, which};
 use berth_shim::cgroup::{self, Layout};
 use std::fmt;
 use std::path::Path;
@@ -58,7 +58,7 @@ fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -
 
 pub fn main(args: &CheckArgs) -> i32 {
     let items = run_checks(args);
-    println!("berth-agent check on node {}", crate::serve::node_name());
+    println!("berth-agent check on node {}", crate::run::node_name());
     for i in &items {
         println!("{i}");
     }

@@ -3,7 +3,7 @@
 //!
 //! Precedence: command line, then the config file, then the environment,
 //! then defaults. Every bad value exits with a message that names the flag.
-#![forbid(unsafe_code)]
+
 
 pub mod quantity;
 

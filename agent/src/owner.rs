@@ -3,7 +3,7 @@
 //! exclusive flock on `<state>/agents/<id>.lock` for its whole life; the
 //! kernel drops it when the agent dies, however it dies. An instance whose
 //! owner's lock can be taken belongs to a dead agent.
-#![forbid(unsafe_code)]
+
 
 use nix::fcntl::{Flock, FlockArg};
 use std::fs::{File, OpenOptions};

@@ -1,7 +1,7 @@
 //! Readiness: a daemon is ready when a real gRPC call succeeds on its socket.
 //! buildkitd registers grpc.health.v1 (since v0.13); the answer SERVING is
 //! what we wait for.
-#![forbid(unsafe_code)]
+
 
 use crate::proto::control::control_client::ControlClient;
 use crate::proto::control::ListWorkersRequest;

@@ -13,7 +13,7 @@
 //! one structured log line, transient failures (no connection, timeouts, 5xx,
 //! 429) back off exponentially with jitter, other refusals (403, 404, 422)
 //! are logged with the fix and retried at the backoff cap.
-#![forbid(unsafe_code)]
+
 
 pub mod cluster;
 #[cfg(test)]
@@ -454,7 +454,7 @@ pub fn spawn(ctx: &Arc<Ctx>) -> Option<Handle> {
     let in_use = {
         let ctx = ctx.clone();
         move || {
-            let warm = ctx.warm.lock().map(|w| w.len() as u64).unwrap_or(0);
+            let warm = ctx.registry.warm_len() as u64;
             ctx.slots_in_use().saturating_sub(warm)
         }
     };

@@ -3,25 +3,19 @@
 //! shim does the ordered teardown (SIGTERM, grace, SIGKILL of the pid
 //! namespace, empty and remove the cgroup, wipe, release the ids); the agent
 //! asks for it, collects the shim's outcome and records one log line.
-#![forbid(unsafe_code)]
 
-use crate::instance::{unregister, Instance};
-use crate::sys;
+
+use crate::instance::Instance;
+use crate::phase::{EndReason, Phase};
+use crate::shim::{describe_exit, Shim};
 use crate::Ctx;
 use berth_shim::spec::Outcome;
-use nix::sys::signal::Signal;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStdin};
-use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
-/// How long past its stop grace a shim may take to wipe before the agent
-/// falls back to `berth-shim delete`.
-const WIPE_BUDGET: Duration = Duration::from_secs(60);
-
+/// What ended an instance, as the life saw it; `record` turns it and the
+/// shim's outcome into the `EndReason`.
 #[derive(Debug, Clone)]
 pub enum EndCause {
     Idle,
@@ -30,97 +24,6 @@ pub enum EndCause {
     DaemonExited,
     Drain,
     StartFailed(String),
-}
-
-/// A running shim: its pid, its lifeline (stdin: dropping it tells the shim
-/// the agent is gone), and its report, read from stdout by a task.
-pub struct Shim {
-    pid: Option<u32>,
-    id: String,
-    dir: PathBuf,
-    _lifeline: Option<ChildStdin>,
-    done: Option<oneshot::Receiver<Option<Outcome>>>,
-    outcome: Option<Option<Outcome>>,
-}
-
-impl Shim {
-    pub fn new(mut child: Child, id: String, dir: PathBuf) -> Shim {
-        let lifeline = child.stdin.take();
-        let stdout = child.stdout.take();
-        let pid = child.id();
-        let (tx, rx) = oneshot::channel();
-        let tag = id.clone();
-        tokio::spawn(async move {
-            // The outcome is handed on as soon as its line arrives: the shim
-            // then still empties the instance's trash entry before it exits,
-            // and the slot need not wait for that.
-            let mut tx = Some(tx);
-            if let Some(out) = stdout {
-                let mut lines = BufReader::new(out).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    match serde_json::from_str::<Outcome>(&line) {
-                        Ok(o) => {
-                            if let Some(tx) = tx.take() {
-                                let _ = tx.send(Some(o));
-                            }
-                        }
-                        Err(e) => warn!(instance = %tag, line, error = %e, "unreadable line from shim"),
-                    }
-                }
-            }
-            let status = child.wait().await;
-            if let Some(tx) = tx.take() {
-                error!(instance = %tag, ?status, "shim ended without an outcome");
-                let _ = tx.send(None);
-            } else if !status.as_ref().is_ok_and(|s| s.success()) {
-                warn!(instance = %tag, ?status, "shim exited with an error after its outcome (see its log)");
-            }
-        });
-        Shim { pid, id, dir, _lifeline: lifeline, done: Some(rx), outcome: None }
-    }
-
-    /// Resolves when the shim has ended; cancel-safe, so it can sit in a
-    /// `select!` loop. Later calls return the same outcome at once.
-    pub async fn ended(&mut self) -> Option<Outcome> {
-        if let Some(o) = &self.outcome {
-            return o.clone();
-        }
-        let o = match self.done.as_mut() {
-            Some(rx) => rx.await.unwrap_or(None),
-            None => None,
-        };
-        self.done = None;
-        self.outcome = Some(o.clone());
-        o
-    }
-
-    /// Asks the shim to tear down and waits for its outcome. A shim that does
-    /// not finish in time is killed and the instance deleted from its files.
-    pub async fn stop(&mut self, ctx: &Ctx) -> Option<Outcome> {
-        if self.outcome.is_none() {
-            if let Some(pid) = self.pid {
-                if let Err(e) = sys::signal(pid, Signal::SIGTERM) {
-                    warn!(error = %e, "could not signal the shim");
-                }
-            }
-        }
-        let budget = ctx.run.stop_grace + WIPE_BUDGET;
-        match tokio::time::timeout(budget, self.ended()).await {
-            Ok(o) if o.is_some() => o,
-            res => {
-                if res.is_err() {
-                    error!(pid = ?self.pid, "shim did not finish its wipe in {budget:?}; killing it and deleting from files");
-                    if let Some(pid) = self.pid {
-                        let _ = sys::signal(pid, Signal::SIGKILL);
-                    }
-                }
-                crate::recover::delete(ctx, &self.dir).await.or_else(|| {
-                    error!(instance = %self.id, "delete of instance failed");
-                    None
-                })
-            }
-        }
-    }
 }
 
 /// Serves until the instance should end, and says why. The instance leaves
@@ -134,7 +37,7 @@ pub async fn serve_until_end(ctx: &Arc<Ctx>, inst: &Arc<Instance>, shim: &mut Sh
         // In use: only a forced end ends it.
         tokio::select! {
             cause = forced_end(shim, &mut shutdown, &mut stop) => {
-                unregister(ctx, inst, true);
+                ctx.registry.unregister(inst, true);
                 return cause;
             }
             _ = crate::count_until(&mut conns, |c| *c == 0) => {}
@@ -142,12 +45,12 @@ pub async fn serve_until_end(ctx: &Arc<Ctx>, inst: &Arc<Instance>, shim: &mut Sh
         // Idle: a forced end, a new connection, or the idle timeout.
         tokio::select! {
             cause = forced_end(shim, &mut shutdown, &mut stop) => {
-                unregister(ctx, inst, true);
+                ctx.registry.unregister(inst, true);
                 return cause;
             }
             _ = crate::count_until(&mut conns, |c| *c > 0) => continue,
             _ = tokio::time::sleep(idle) => {
-                if unregister(ctx, inst, false) {
+                if ctx.registry.unregister(inst, false) {
                     return if idle.is_zero() { EndCause::Closed } else { EndCause::Idle };
                 }
             }
@@ -171,23 +74,23 @@ async fn forced_end(
 
 /// The one structured line per instance: who, how long, how much memory,
 /// and whether it was OOM-killed.
-pub fn record(ctx: &Ctx, inst: &Instance, cause: EndCause, outcome: Option<&Outcome>) -> &'static str {
+pub fn record(ctx: &Ctx, inst: &Instance, cause: EndCause, outcome: Option<&Outcome>) -> EndReason {
     let oom = outcome.map(|o| o.oom_kills > 0).unwrap_or(false);
     let reason = match (&cause, outcome) {
-        (EndCause::DaemonExited | EndCause::StartFailed(_), _) if oom => "oom",
-        (EndCause::DaemonExited, Some(o)) if o.pids_limit_hits > 0 => "pids",
-        (EndCause::DaemonExited, _) => "daemon_exit",
-        (EndCause::Idle, _) => "idle",
-        (EndCause::Unpublished, _) => "unpublished",
-        (EndCause::Closed, _) => "closed",
-        (EndCause::Drain, _) => "drain",
-        (EndCause::StartFailed(_), _) => "error",
+        (EndCause::DaemonExited | EndCause::StartFailed(_), _) if oom => EndReason::Oom,
+        (EndCause::DaemonExited, Some(o)) if o.pids_limit_hits > 0 => EndReason::Pids,
+        (EndCause::DaemonExited, _) => EndReason::DaemonExit,
+        (EndCause::Idle, _) => EndReason::Idle,
+        (EndCause::Unpublished, _) => EndReason::Unpublished,
+        (EndCause::Closed, _) => EndReason::Closed,
+        (EndCause::Drain, _) => EndReason::Drain,
+        (EndCause::StartFailed(_), _) => EndReason::Error,
     };
     let leftovers = outcome.map(|o| o.leftovers.join("; ")).unwrap_or_default();
     info!(
         instance = %inst.id,
         client = %inst.client().display,
-        reason,
+        reason = reason.as_str(),
         duration_ms = inst.created.elapsed().as_millis() as u64,
         peak_memory = outcome.and_then(|o| o.peak_memory),
         oom_killed = oom,
@@ -203,19 +106,19 @@ pub fn record(ctx: &Ctx, inst: &Instance, cause: EndCause, outcome: Option<&Outc
     }
     let limits = &ctx.run.limits;
     let why = match reason {
-        "oom" => Some(format!(
+        EndReason::Oom => Some(format!(
             "its build hit the memory limit of {} and was OOM-killed",
             crate::config::quantity::format_bytes(limits.build_memory)
         )),
-        "pids" => Some(format!("its build hit the limit of {} processes and threads", limits.build_pids)),
-        "daemon_exit" => Some(outcome.map(crate::spawn::describe_exit).unwrap_or_else(|| "the daemon died".into())),
-        "drain" => Some(format!("node {} is shutting down (drain timeout reached)", ctx.node_name)),
-        "unpublished" => Some("the pod's berth volume was unpublished".into()),
+        EndReason::Pids => Some(format!("its build hit the limit of {} processes and threads", limits.build_pids)),
+        EndReason::DaemonExit => Some(outcome.map(describe_exit).unwrap_or_else(|| "the daemon died".into())),
+        EndReason::Drain => Some(format!("node {} is shutting down (drain timeout reached)", ctx.node_name)),
+        EndReason::Unpublished => Some("the pod's berth volume was unpublished".into()),
         _ => None,
     };
     if let Some(why) = why {
         let tail = outcome.map(|o| crate::hints::for_stderr(&o.stderr_tail)).unwrap_or_default();
-        inst.end_note.send_replace(Some(format!("berth: instance {} ended: {why}{tail}", inst.id)));
+        inst.set_end_note(format!("berth: instance {} ended: {why}{tail}", inst.id));
     }
     if let Some(peak) = outcome.and_then(|o| o.peak_memory) {
         ctx.metrics.peak_memory_bytes.observe(peak as f64);
@@ -233,14 +136,13 @@ const LIMIT_POLL: Duration = Duration::from_secs(1);
 /// line carries the totals.
 pub async fn watch_limits(ctx: Arc<Ctx>, inst: Arc<Instance>) {
     let Ok(spec) = berth_shim::spec::Spec::load(&inst.dir) else { return };
-    let mut wiped = inst.wiped.subscribe();
     let mut seen = berth_shim::cgroup::Usage::default();
     loop {
         tokio::select! {
-            _ = crate::raised(&mut wiped) => return,
+            _ = inst.wiped() => return,
             _ = tokio::time::sleep(LIMIT_POLL) => {}
         }
-        if !matches!(*inst.phase.borrow(), crate::instance::Phase::Ready) {
+        if !matches!(*inst.phase.borrow(), Phase::Ready) {
             continue;
         }
         let now = berth_shim::cgroup::usage(&spec.cgroup);

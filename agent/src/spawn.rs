@@ -5,13 +5,20 @@
 //! Order matters for crash safety: the lease first, then the dir, then the
 //! spec (naming the cgroup dirs), then the cgroup. Whatever a crash leaves at
 //! any point is named by a file the next agent's sweep reads.
-#![forbid(unsafe_code)]
+//!
+//! The instance's resources are acquired in ONE place, `prepare`, and, if
+//! the shim never ran, released in ONE place, `release`; once the shim runs,
+//! its wipe (or `berth-shim delete <dir>`) releases them from the spec. A new
+//! per-instance resource (a veth and an address lease, a disk image or a
+//! quota) goes into `prepare` after the spec records it, into `release`, and
+//! into the shim's wipe.
+
 
 pub mod buildkitd;
 
-use crate::admit::AdmitError;
+use crate::error::{AdmitError, SpawnError};
 use crate::instance::Instance;
-use crate::reap::Shim;
+use crate::shim::{describe_exit, Shim};
 use crate::sys;
 use crate::Ctx;
 use berth_shim::spec::{self, Outcome, Spec};
@@ -24,15 +31,23 @@ use tokio::process::Command;
 use tracing::debug;
 
 /// Creates the instance on disk and in the cgroup tree, and starts its shim.
+/// Every error is answered to the client through `AdmitError::Spawn`.
 pub async fn start(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, AdmitError> {
+    start_shim(ctx, inst).await.map_err(|e| AdmitError::Spawn {
+        node: ctx.node_name.clone(),
+        id: inst.id.clone(),
+        source: Arc::new(e),
+    })
+}
+
+async fn start_shim(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, SpawnError> {
     // Files, chowns and cgroup writes block (a v1 memory cgroup write can
     // wait ~10 ms for the kernel): off the two async workers, so a burst of
     // new clients does not stall every other connection.
     let (c, i) = (ctx.clone(), inst.clone());
     let spec = tokio::task::spawn_blocking(move || prepare(&c, &i))
         .await
-        .map_err(|e| AdmitError::Internal(format!("instance {}: prepare task: {e}", inst.id)))??;
-    let internal = |what: String| AdmitError::Internal(format!("instance {}: {what}", inst.id));
+        .map_err(|e| SpawnError::Task(e.to_string()))??;
     let dir = &inst.dir;
     let child = Command::new(&ctx.shim)
         .arg("run")
@@ -45,28 +60,22 @@ pub async fn start(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, AdmitEr
         .spawn();
     match child {
         Ok(child) => Ok(Shim::new(child, inst.id.clone(), dir.clone())),
-        Err(e) => {
-            // The shim never ran: clean up as it would have.
-            let _ = berth_shim::cgroup::remove(&spec.cgroup, Duration::from_secs(1));
-            let _ = fs::remove_dir_all(dir);
-            let _ = fs::remove_file(&spec.lease);
-            Err(internal(format!("starting {}: {e}", ctx.shim.display())))
+        Err(source) => {
+            release(&spec);
+            Err(SpawnError::Exec { path: ctx.shim.clone(), source })
         }
     }
 }
 
-/// Leases the ids, lays out the dir, records the spec and creates the
-/// cgroup; undoes what it did on failure. Blocking.
-fn prepare(ctx: &Ctx, inst: &Instance) -> Result<Spec, AdmitError> {
-    let internal = |what: String| AdmitError::Internal(format!("instance {}: {what}", inst.id));
-    let (ids, lease) = ctx
-        .pool
-        .lease(&format!("{} {}", inst.id, ctx.owner.id))
-        .map_err(|e| AdmitError::Exhausted(format!("node {}: {e}", ctx.node_name)))?;
-    let undo_lease = |e: AdmitError| {
-        let _ = fs::remove_file(&lease);
-        e
-    };
+/// Acquires the instance's resources, in this order, and records each in
+/// the spec on disk before the next: the id lease, the dir and spec, the
+/// cgroup. A new per-instance resource (a veth and its address lease, a
+/// disk image or quota) goes here: acquired after the spec names it (store
+/// the spec again), released in `release` and, after the shim started, by
+/// the shim's wipe and `berth-shim delete`, which read it from the spec.
+/// Undoes what it did on failure. Blocking.
+fn prepare(ctx: &Ctx, inst: &Instance) -> Result<Spec, SpawnError> {
+    let (ids, lease) = ctx.pool.lease(&format!("{} {}", inst.id, ctx.owner.id)).map_err(SpawnError::Lease)?;
     let dir = &inst.dir;
     let cgroup = ctx.layout.plan(&format!("berth-{}", inst.id));
     let spec = Spec {
@@ -87,15 +96,26 @@ fn prepare(ctx: &Ctx, inst: &Instance) -> Result<Spec, AdmitError> {
         log_cap_bytes: ctx.run.daemon_log_cap,
     };
     let config = buildkitd::render(&spec, ctx.run.limits.build_cpus, ctx.run.limits.build_disk);
-    if let Err(e) = lay_out(&spec, &config) {
-        let _ = fs::remove_dir_all(dir);
-        return Err(undo_lease(internal(e)));
+    let acquired = lay_out(&spec, &config).and_then(|()| {
+        ctx.layout.create(&format!("berth-{}", inst.id), &ctx.run.limits.limits()).map_err(SpawnError::Cgroup)?;
+        Ok(())
+    });
+    match acquired {
+        Ok(()) => Ok(spec),
+        Err(e) => {
+            release(&spec);
+            Err(e)
+        }
     }
-    if let Err(e) = ctx.layout.create(&format!("berth-{}", inst.id), &ctx.run.limits.limits()) {
-        let _ = fs::remove_dir_all(dir);
-        return Err(undo_lease(internal(e.to_string())));
-    }
-    Ok(spec)
+}
+
+/// Releases what `prepare` acquired, for an instance whose shim never ran
+/// (once it runs, the shim's wipe does this). Each step tolerates a
+/// resource that was never acquired.
+fn release(spec: &Spec) {
+    let _ = berth_shim::cgroup::remove(&spec.cgroup, Duration::from_secs(1));
+    let _ = fs::remove_dir_all(&spec.dir);
+    let _ = fs::remove_file(&spec.lease);
 }
 
 fn daemon_args(ctx: &Ctx, dir: &Path, socket: &Path, root: &Path) -> Vec<String> {
@@ -128,20 +148,24 @@ fn daemon_env(id: &str, dir: &Path) -> Vec<(String, String)> {
 
 /// The instance dir (root's, 0711 so the mapped root can reach its subdirs)
 /// and the subdirs owned by the instance's root.
-fn lay_out(spec: &Spec, config: &str) -> Result<(), String> {
-    let mk = |p: &Path, mode: u32| -> Result<(), String> {
-        fs::create_dir(p).map_err(|e| format!("mkdir {}: {e}", p.display()))?;
-        sys::chmod(p, mode).map_err(|e| e.to_string())
+fn lay_out(spec: &Spec, config: &str) -> Result<(), SpawnError> {
+    let at = |p: &Path| {
+        let path = p.to_path_buf();
+        move |source| SpawnError::Layout { path, source }
+    };
+    let mk = |p: &Path, mode: u32| -> Result<(), SpawnError> {
+        fs::create_dir(p).map_err(at(p))?;
+        sys::chmod(p, mode).map_err(at(p))
     };
     mk(&spec.dir, 0o711)?;
-    spec.store().map_err(|e| e.to_string())?;
+    spec.store().map_err(SpawnError::Spec)?;
     let cfg = spec.dir.join(buildkitd::FILE);
-    fs::write(&cfg, config).map_err(|e| format!("write {}: {e}", cfg.display()))?;
-    sys::chmod(&cfg, 0o644).map_err(|e| e.to_string())?;
+    fs::write(&cfg, config).map_err(at(&cfg))?;
+    sys::chmod(&cfg, 0o644).map_err(at(&cfg))?;
     for sub in [spec::ROOT_DIR, spec::RUN_DIR, spec::HOME_DIR] {
         let p = spec.dir.join(sub);
         mk(&p, 0o700)?;
-        sys::chown_path(&p, spec.ids.host_base, spec.ids.host_base).map_err(|e| e.to_string())?;
+        sys::chown_path(&p, spec.ids.host_base, spec.ids.host_base).map_err(at(&p))?;
     }
     Ok(())
 }
@@ -201,16 +225,3 @@ fn with_hint(tail: &str) -> String {
     format!("{}{}", tail.trim_end(), crate::hints::for_stderr(tail))
 }
 
-/// "daemon exited with status 1" / "killed by signal 9 (OOM)" etc.
-pub fn describe_exit(o: &Outcome) -> String {
-    let mut s = match (o.exit_code, o.signal, &o.error) {
-        (_, _, Some(err)) => format!("shim error: {err}"),
-        (Some(code), _, _) => format!("the daemon exited with status {code}"),
-        (_, Some(sig), _) => format!("the daemon was killed by signal {sig}"),
-        _ => "the daemon ended".to_string(),
-    };
-    if o.oom_kills > 0 {
-        s.push_str(" after hitting the memory limit (OOM kill)");
-    }
-    s
-}

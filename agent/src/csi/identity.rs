@@ -1,5 +1,5 @@
 //! CSI Identity: who we are and whether we are ready.
-#![forbid(unsafe_code)]
+
 
 use super::Csi;
 use crate::proto::csi_v1::{

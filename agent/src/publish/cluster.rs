@@ -1,6 +1,6 @@
 //! `berth-agent capacity --cluster`: every Node's published build slots,
 //! builds in use and architecture, with totals, read from the Kubernetes API.
-#![forbid(unsafe_code)]
+
 
 use super::{ANNOTATION_IN_USE, LABEL_ARCH, LABEL_K8S_ARCH};
 use crate::config::{CapacityCmd, OutputFormat};

@@ -1,7 +1,7 @@
 //! The per-instance `buildkitd.toml`: gc sized to the instance's disk budget,
 //! parallelism from its CPU limit, only the instance's unix socket (no TCP
 //! listener), and every runtime path inside the instance.
-#![forbid(unsafe_code)]
+
 
 use berth_shim::spec::Spec;
 use toml::{Table, Value};

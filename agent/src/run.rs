@@ -1,21 +1,20 @@
 //! The `run` command: validate the host, sweep, listen, and on SIGTERM stop
 //! taking clients and end every instance before exiting.
-#![forbid(unsafe_code)]
+
 
 use crate::config::RunArgs;
 use crate::idmap::{IdPool, IdmapError};
 use crate::{listen, recover, sys, Ctx};
 use berth_shim::cgroup::{CgroupError, Layout};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
-pub enum ServeError {
+pub enum RunError {
     #[error("daemon {0:?} not found (or not a file): install buildkitd (moby/buildkit, rootless build) or pass --daemon /path/to/buildkitd; to try berth without it, use --daemon target/debug/fakekitd (see README)")]
     NoDaemon(PathBuf),
     #[error("berth-shim not found beside {0} nor on PATH; pass --shim /path/to/berth-shim")]
@@ -45,16 +44,16 @@ pub fn which(name: &Path) -> Option<PathBuf> {
 }
 
 /// The shim: `--shim`, else beside the running agent, else on PATH.
-pub fn find_shim(flag: Option<&Path>) -> Result<PathBuf, ServeError> {
+pub fn find_shim(flag: Option<&Path>) -> Result<PathBuf, RunError> {
     let exe = std::env::current_exe().unwrap_or_default();
     if let Some(p) = flag {
-        return which(p).ok_or_else(|| ServeError::NoShim(p.to_path_buf()));
+        return which(p).ok_or_else(|| RunError::NoShim(p.to_path_buf()));
     }
     exe.parent()
         .map(|d| d.join("berth-shim"))
         .filter(|p| p.is_file())
         .or_else(|| which(Path::new("berth-shim")))
-        .ok_or(ServeError::NoShim(exe))
+        .ok_or(RunError::NoShim(exe))
 }
 
 pub fn node_name() -> String {
@@ -67,30 +66,30 @@ pub fn node_name() -> String {
 
 /// Prepares the state dir: 0711 down to `instances/`, and every ancestor
 /// searchable by the instances' mapped uids.
-fn prepare_state(state: &Path) -> Result<(), ServeError> {
+fn prepare_state(state: &Path) -> Result<(), RunError> {
     for dir in [state.to_path_buf(), state.join("instances")] {
-        std::fs::create_dir_all(&dir).map_err(|e| ServeError::StateDir(format!("{}: {e}", dir.display())))?;
-        sys::chmod(&dir, 0o711).map_err(|e| ServeError::StateDir(e.to_string()))?;
+        std::fs::create_dir_all(&dir).map_err(|e| RunError::StateDir(format!("{}: {e}", dir.display())))?;
+        sys::chmod(&dir, 0o711).map_err(|e| RunError::StateDir(e.to_string()))?;
     }
-    sys::check_traversable(state).map_err(ServeError::StateDir)
+    sys::check_traversable(state).map_err(RunError::StateDir)
 }
 
-pub async fn run(args: RunArgs) -> Result<(), ServeError> {
+pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // Absolute: the shim execs it from inside the instance's root dir.
     let daemon = which(&args.host.daemon)
         .and_then(|p| std::fs::canonicalize(p).ok())
-        .ok_or_else(|| ServeError::NoDaemon(args.host.daemon.clone()))?;
+        .ok_or_else(|| RunError::NoDaemon(args.host.daemon.clone()))?;
     let shim = find_shim(args.host.shim.as_deref())?;
     prepare_state(&args.host.state_dir)?;
     let layout = Layout::detect(&args.host.cgroup_root, &args.host.proc_root, args.host.cgroup_parent.as_deref())
-        .map_err(ServeError::Cgroup)?;
+        .map_err(RunError::Cgroup)?;
     let pool = IdPool::new(
         args.host.idmap_base,
         args.host.idmap_count,
         args.host.state_dir.join("leases"),
         &args.host.etc_root,
     )
-    .map_err(ServeError::Idmap)?;
+    .map_err(RunError::Idmap)?;
     info!(
         version = env!("CARGO_PKG_VERSION"),
         daemon = %daemon.display(),
@@ -119,18 +118,19 @@ pub async fn run(args: RunArgs) -> Result<(), ServeError> {
     // Never more slots than id ranges: each instance needs one.
     let slots_total = plan.slots.min(pool.capacity() as u64);
     let http = match args.http_addr.0 {
-        Some(a) => Some(crate::http::bind(a).await.map_err(|e| ServeError::Http(a, e))?),
+        Some(a) => Some(crate::http::bind(a).await.map_err(|e| RunError::Http(a, e))?),
         None => None,
     };
-    let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signal)?;
+    let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     let ctx = Arc::new(Ctx {
         node_name: args.node_name.clone().unwrap_or_else(node_name),
         layout,
         pool,
         shim,
         daemon,
-        registry: Mutex::new(HashMap::new()),
+        registry: crate::registry::Registry::new(args.start_failure_backoff),
+        warm_wanted: tokio::sync::Notify::new(),
         draining: watch::Sender::new(false),
         shutdown: watch::Sender::new(false),
         tasks: TaskTracker::new(),
@@ -138,11 +138,8 @@ pub async fn run(args: RunArgs) -> Result<(), ServeError> {
         slots: Arc::new(tokio::sync::Semaphore::new(slots_total as usize)),
         slots_total,
         queued: std::sync::atomic::AtomicUsize::new(0),
-        warm: Mutex::new(Default::default()),
-        failures: Mutex::new(HashMap::new()),
-        warm_backoff: Mutex::new(None),
         owner: crate::owner::Owner::acquire(&args.host.state_dir)
-            .map_err(|e| ServeError::StateDir(format!("agent lock: {e}")))?,
+            .map_err(|e| RunError::StateDir(format!("agent lock: {e}")))?,
         run: args,
     });
     ctx.refresh_gauges();
@@ -150,11 +147,11 @@ pub async fn run(args: RunArgs) -> Result<(), ServeError> {
         tokio::spawn(crate::http::serve(ctx.clone(), l));
     }
     recover::sweep(&ctx).await;
-    crate::warm::refill(&ctx);
+    tokio::spawn(crate::warm::keep_filled(ctx.clone()));
     let mut listeners = Vec::new();
     let mut owned = Vec::new();
     for path in &ctx.run.listen {
-        let l = listen::bind(path, ctx.run.socket_mode).map_err(ServeError::Listen)?;
+        let l = listen::bind(path, ctx.run.socket_mode).map_err(RunError::Listen)?;
         owned.extend(listen::inode(path).map(|i| (path.clone(), i)));
         listeners.push(tokio::spawn(listen::serve(
             ctx.clone(),
@@ -165,7 +162,7 @@ pub async fn run(args: RunArgs) -> Result<(), ServeError> {
         )));
     }
     if let Some(endpoint) = ctx.run.csi_endpoint.clone() {
-        let l = listen::bind(&endpoint, 0o600).map_err(ServeError::Listen)?;
+        let l = listen::bind(&endpoint, 0o600).map_err(RunError::Listen)?;
         owned.extend(listen::inode(&endpoint).map(|i| (endpoint.clone(), i)));
         let csi = crate::csi::Csi::new(ctx.clone());
         csi.recover();
@@ -206,7 +203,7 @@ pub async fn run(args: RunArgs) -> Result<(), ServeError> {
 /// `--drain-timeout` runs out, or on a second SIGTERM/SIGINT.
 async fn drain(ctx: &Arc<Ctx>, term: &mut tokio::signal::unix::Signal, int: &mut tokio::signal::unix::Signal) {
     ctx.draining.send_replace(true);
-    let live = ctx.registry.lock().expect("registry").len();
+    let live = ctx.registry.clients();
     info!(instances = live, drain_timeout = ?ctx.run.drain_timeout, "draining: no new clients; running builds continue");
     let idle = async {
         while !ctx.tasks.is_empty() {

@@ -1,0 +1,18 @@
+//! Who is on the other end of a connection. Listen identifies it, admission
+//! and the registry key instances by it, and an instance records it.
+
+/// A build client: a pod (on its CSI socket), a peer's credentials and
+/// cgroup (on the node socket), or one connection (connection scope).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Client {
+    /// What instances are keyed by: same key, same instance.
+    pub key: String,
+    /// For logs: uid, pid and cgroup of the peer.
+    pub display: String,
+}
+
+impl Client {
+    pub fn new(key: impl Into<String>, display: impl Into<String>) -> Client {
+        Client { key: key.into(), display: display.into() }
+    }
+}

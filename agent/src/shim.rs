@@ -1,0 +1,124 @@
+//! The agent's handle on one running `berth-shim run`: its pid, its
+//! lifeline (stdin: dropping it tells the shim the agent is gone), and its
+//! report (one JSON `Outcome` line on stdout). Spawn creates it, readiness
+//! and reap wait on it and ask it to stop.
+
+use crate::sys;
+use crate::Ctx;
+use berth_shim::spec::Outcome;
+use nix::sys::signal::Signal;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdin};
+use tokio::sync::oneshot;
+use tracing::{error, warn};
+
+/// How long past its stop grace a shim may take to wipe before the agent
+/// falls back to `berth-shim delete`.
+const WIPE_BUDGET: Duration = Duration::from_secs(60);
+
+/// A running shim: its pid, its lifeline (stdin: dropping it tells the shim
+/// the agent is gone), and its report, read from stdout by a task.
+pub struct Shim {
+    pid: Option<u32>,
+    id: String,
+    dir: PathBuf,
+    _lifeline: Option<ChildStdin>,
+    done: Option<oneshot::Receiver<Option<Outcome>>>,
+    outcome: Option<Option<Outcome>>,
+}
+
+impl Shim {
+    pub fn new(mut child: Child, id: String, dir: PathBuf) -> Shim {
+        let lifeline = child.stdin.take();
+        let stdout = child.stdout.take();
+        let pid = child.id();
+        let (tx, rx) = oneshot::channel();
+        let tag = id.clone();
+        tokio::spawn(async move {
+            // The outcome is handed on as soon as its line arrives: the shim
+            // then still empties the instance's trash entry before it exits,
+            // and the slot need not wait for that.
+            let mut tx = Some(tx);
+            if let Some(out) = stdout {
+                let mut lines = BufReader::new(out).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    match serde_json::from_str::<Outcome>(&line) {
+                        Ok(o) => {
+                            if let Some(tx) = tx.take() {
+                                let _ = tx.send(Some(o));
+                            }
+                        }
+                        Err(e) => warn!(instance = %tag, line, error = %e, "unreadable line from shim"),
+                    }
+                }
+            }
+            let status = child.wait().await;
+            if let Some(tx) = tx.take() {
+                error!(instance = %tag, ?status, "shim ended without an outcome");
+                let _ = tx.send(None);
+            } else if !status.as_ref().is_ok_and(|s| s.success()) {
+                warn!(instance = %tag, ?status, "shim exited with an error after its outcome (see its log)");
+            }
+        });
+        Shim { pid, id, dir, _lifeline: lifeline, done: Some(rx), outcome: None }
+    }
+
+    /// Resolves when the shim has ended; cancel-safe, so it can sit in a
+    /// `select!` loop. Later calls return the same outcome at once.
+    pub async fn ended(&mut self) -> Option<Outcome> {
+        if let Some(o) = &self.outcome {
+            return o.clone();
+        }
+        let o = match self.done.as_mut() {
+            Some(rx) => rx.await.unwrap_or(None),
+            None => None,
+        };
+        self.done = None;
+        self.outcome = Some(o.clone());
+        o
+    }
+
+    /// Asks the shim to tear down and waits for its outcome. A shim that does
+    /// not finish in time is killed and the instance deleted from its files.
+    pub async fn stop(&mut self, ctx: &Ctx) -> Option<Outcome> {
+        if self.outcome.is_none() {
+            if let Some(pid) = self.pid {
+                if let Err(e) = sys::signal(pid, Signal::SIGTERM) {
+                    warn!(error = %e, "could not signal the shim");
+                }
+            }
+        }
+        let budget = ctx.run.stop_grace + WIPE_BUDGET;
+        match tokio::time::timeout(budget, self.ended()).await {
+            Ok(o) if o.is_some() => o,
+            res => {
+                if res.is_err() {
+                    error!(pid = ?self.pid, "shim did not finish its wipe in {budget:?}; killing it and deleting from files");
+                    if let Some(pid) = self.pid {
+                        let _ = sys::signal(pid, Signal::SIGKILL);
+                    }
+                }
+                crate::recover::delete(ctx, &self.dir).await.or_else(|| {
+                    error!(instance = %self.id, "delete of instance failed");
+                    None
+                })
+            }
+        }
+    }
+}
+
+/// "daemon exited with status 1" / "killed by signal 9 (OOM)" etc.
+pub fn describe_exit(o: &Outcome) -> String {
+    let mut s = match (o.exit_code, o.signal, &o.error) {
+        (_, _, Some(err)) => format!("shim error: {err}"),
+        (Some(code), _, _) => format!("the daemon exited with status {code}"),
+        (_, Some(sig), _) => format!("the daemon was killed by signal {sig}"),
+        _ => "the daemon ended".to_string(),
+    };
+    if o.oom_kills > 0 {
+        s.push_str(" after hitting the memory limit (OOM kill)");
+    }
+    s
+}
