@@ -49,7 +49,9 @@ pub async fn admit(ctx: &Arc<Ctx>, client: &Client, stream: &UnixStream) -> Resu
         match now {
             Phase::Ready => return Ok(guard),
             Phase::Failed(e) | Phase::Wiped { failure: Some(e), .. } => return Err(e),
-            Phase::Ending { .. } | Phase::Wiped { .. } => return Err(AdmitError::Gone { id: guard.instance.id.clone() }),
+            Phase::Ending { .. } | Phase::Wiped { .. } => {
+                return Err(AdmitError::Gone { id: guard.instance.id.clone() })
+            }
             Phase::Starting | Phase::WarmIdle => {}
         }
         if phase.changed().await.is_err() {

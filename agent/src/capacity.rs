@@ -3,7 +3,6 @@
 //! needs for a target concurrency. `run` uses it for `--max-builds auto`,
 //! `capacity` prints it for platform teams.
 
-
 use crate::config::quantity::format_bytes;
 use crate::config::{CapacityArgs, LimitArgs, MaxBuilds, OutputFormat};
 use serde::Serialize;
@@ -111,7 +110,12 @@ fn own_cgroup_limits(root: &Path, proc_root: &Path) -> Option<berth_shim::cgroup
 /// The plan `run` uses, from its flags and this node.
 pub fn for_run(limits: &LimitArgs, cap: &CapacityArgs, cgroup_root: &Path, proc_root: &Path) -> Plan {
     let node = this_node(cgroup_root, proc_root);
-    plan(node, cap.reserve(), per_build(limits), cap.max_builds, None)
+    plan(node, reserve_of(cap), per_build(limits), cap.max_builds, None)
+}
+
+/// What the node keeps for itself (`--reserve-memory`, `--reserve-cpus`).
+pub fn reserve_of(cap: &CapacityArgs) -> Shape {
+    Shape { memory: cap.reserve_memory, millicpus: cap.reserve_cpus }
 }
 
 pub fn per_build(limits: &LimitArgs) -> Shape {
@@ -167,8 +171,13 @@ pub fn main(args: &crate::config::CapacityCmd) -> i32 {
     let here = this_node(&args.host.cgroup_root, &args.host.proc_root);
     let node =
         Shape { memory: args.node_memory.unwrap_or(here.memory), millicpus: args.node_cpus.unwrap_or(here.millicpus) };
-    let p =
-        plan(node, args.capacity.reserve(), per_build(&args.limits), args.capacity.max_builds, args.target_concurrency);
+    let p = plan(
+        node,
+        reserve_of(&args.capacity),
+        per_build(&args.limits),
+        args.capacity.max_builds,
+        args.target_concurrency,
+    );
     print!("{}", render(&p, args.output));
     if args.output == OutputFormat::Json {
         println!();

@@ -6,7 +6,6 @@
 //! fake host trees; the user-namespace clone probe runs only against the
 //! real /proc.
 
-
 use crate::config::CheckArgs;
 use crate::idmap::IdPool;
 use crate::run::{find_shim, which};

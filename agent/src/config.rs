@@ -4,8 +4,8 @@
 //! Precedence: command line, then the config file, then the environment,
 //! then defaults. Every bad value exits with a message that names the flag.
 
-
 pub mod quantity;
+pub mod resource;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::ffi::OsString;
@@ -71,12 +71,6 @@ pub struct CapacityArgs {
     pub reserve_cpus: u64,
 }
 
-impl CapacityArgs {
-    pub fn reserve(&self) -> crate::capacity::Shape {
-        crate::capacity::Shape { memory: self.reserve_memory, millicpus: self.reserve_cpus }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     Text,
@@ -106,7 +100,7 @@ pub struct CapacityCmd {
     #[arg(long)]
     pub cluster: bool,
     /// Extended resource `--cluster` reads.
-    #[arg(long, env = "BERTH_EXTENDED_RESOURCE_NAME", default_value = crate::publish::DEFAULT_RESOURCE, value_parser = crate::publish::parse_resource_name)]
+    #[arg(long, env = "BERTH_EXTENDED_RESOURCE_NAME", default_value = resource::DEFAULT_RESOURCE, value_parser = resource::parse_resource_name)]
     pub extended_resource_name: String,
 }
 
@@ -276,7 +270,7 @@ pub struct RunArgs {
     #[arg(long, env = "BERTH_PUBLISH_CAPACITY", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub publish_capacity: Option<bool>,
     /// Extended resource the slots are published as (what build pods request).
-    #[arg(long, env = "BERTH_EXTENDED_RESOURCE_NAME", default_value = crate::publish::DEFAULT_RESOURCE, value_parser = crate::publish::parse_resource_name)]
+    #[arg(long, env = "BERTH_EXTENDED_RESOURCE_NAME", default_value = resource::DEFAULT_RESOURCE, value_parser = resource::parse_resource_name)]
     pub extended_resource_name: String,
 }
 

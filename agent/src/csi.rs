@@ -5,7 +5,6 @@
 //! onto kubelet's target path. The pod's instance starts at its first
 //! connection and is reaped when idle, and always at unpublish.
 
-
 pub mod identity;
 pub mod node;
 pub mod target;

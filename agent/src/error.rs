@@ -127,7 +127,10 @@ mod tests {
         let broken = [
             SpawnError::Layout { path: "/s/instances/x".into(), source: io::Error::from_raw_os_error(28) },
             SpawnError::Exec { path: "/bin/berth-shim".into(), source: io::Error::from_raw_os_error(2) },
-            SpawnError::Cgroup(CgroupError::Io { path: "/sys/fs/cgroup/x".into(), source: io::Error::from_raw_os_error(13) }),
+            SpawnError::Cgroup(CgroupError::Io {
+                path: "/sys/fs/cgroup/x".into(),
+                source: io::Error::from_raw_os_error(13),
+            }),
         ];
         for b in broken {
             let e = spawn(b);

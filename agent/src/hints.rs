@@ -4,7 +4,6 @@
 //! the GOAWAY note when an instance dies under a client) and to the log.
 //! See docs/troubleshooting.md for each class.
 
-
 const RUNC: &str = "runc is missing: buildkit runs build steps with runc >= 1.1 (crun is not accepted); install runc or use the berth image, which ships buildkit-runc";
 
 struct Hint {

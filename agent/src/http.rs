@@ -1,7 +1,6 @@
 //! The HTTP endpoint: `/healthz` (the agent is alive), `/readyz` (it takes
 //! new builds: not draining, and the cheap host checks pass) and `/metrics`.
 
-
 use crate::Ctx;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};

@@ -5,7 +5,6 @@
 //! and a crashed agent's leases are visible to the next one's sweep. The shim
 //! removes the lease as the very last step of its wipe.
 
-
 use berth_shim::spec::{IdRange, IDS_PER_INSTANCE};
 use std::fs;
 use std::io::{self, Write};

@@ -2,7 +2,6 @@
 //! (SO_PEERCRED plus the peer's cgroup), and hand each connection to
 //! admission and then to the proxy.
 
-
 use crate::admit::admit;
 use crate::client::Client;
 use crate::config::Scope;

@@ -1,7 +1,6 @@
 //! Logging: text for people, JSON lines for collectors and tests. The
 //! instance id rides on every span of an instance.
 
-
 use crate::config::LogFormat;
 use tracing_subscriber::EnvFilter;
 

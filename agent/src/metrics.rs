@@ -2,13 +2,12 @@
 //! and the byte direction, never a pod or instance name (those go in the
 //! per-instance log line).
 
-
+use crate::phase::EndReason;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use crate::phase::EndReason;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -20,7 +19,6 @@ pub struct ReasonLabel {
 pub struct DirectionLabel {
     pub direction: String,
 }
-
 
 pub struct Metrics {
     registry: Registry,

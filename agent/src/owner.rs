@@ -4,7 +4,6 @@
 //! kernel drops it when the agent dies, however it dies. An instance whose
 //! owner's lock can be taken belongs to a dead agent.
 
-
 use nix::fcntl::{Flock, FlockArg};
 use std::fs::{File, OpenOptions};
 use std::io;

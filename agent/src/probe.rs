@@ -2,7 +2,6 @@
 //! buildkitd registers grpc.health.v1 (since v0.13); the answer SERVING is
 //! what we wait for.
 
-
 use crate::proto::control::control_client::ControlClient;
 use crate::proto::control::ListWorkersRequest;
 use hyper_util::rt::TokioIo;

@@ -9,7 +9,6 @@
 //! whose debug data says why, then closes. gRPC clients (grpc-go in buildx
 //! and buildctl, h2 in Rust) put that debug data into the error they show.
 
-
 use crate::instance::Instance;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};

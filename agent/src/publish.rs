@@ -14,7 +14,6 @@
 //! 429) back off exponentially with jitter, other refusals (403, 404, 422)
 //! are logged with the fix and retried at the backoff cap.
 
-
 pub mod cluster;
 #[cfg(test)]
 mod tests;
@@ -33,7 +32,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-pub const DEFAULT_RESOURCE: &str = "berth.dev/build";
+pub use crate::config::resource::{parse_resource_name, DEFAULT_RESOURCE};
 pub const LABEL_VERSION: &str = "berth.dev/agent-version";
 pub const LABEL_ARCH: &str = "berth.dev/arch";
 pub const ANNOTATION_SLOTS: &str = "berth.dev/slots";
@@ -77,37 +76,6 @@ pub fn metadata_patch(slots: u64, in_use: u64) -> Value {
             },
         }
     })
-}
-
-/// Checks an extended resource name: `<domain>/<name>`, the domain a DNS
-/// subdomain outside `kubernetes.io`, the name a qualified-name part.
-pub fn parse_resource_name(s: &str) -> Result<String, String> {
-    let fail = |why: &str| Err(format!("{s:?}: {why}; use a name like berth.dev/build"));
-    let Some((domain, name)) = s.split_once('/') else {
-        return fail("an extended resource name needs a domain prefix");
-    };
-    let dns_label = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    if domain.len() > 253 || !domain.split('.').all(dns_label) {
-        return fail("the prefix is not a lowercase DNS subdomain");
-    }
-    if domain == "kubernetes.io" || domain.ends_with(".kubernetes.io") || domain.starts_with("requests.") {
-        return fail("kubernetes.io names and requests.* are reserved");
-    }
-    let name_ok = !name.is_empty()
-        && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && name.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
-    if !name_ok {
-        return fail("the name after the slash is not a valid qualified name (at most 63 of [A-Za-z0-9-_.], alphanumeric at both ends)");
-    }
-    Ok(s.to_string())
 }
 
 /// Tunables of the publisher; tests shorten the intervals.

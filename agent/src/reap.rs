@@ -4,7 +4,6 @@
 //! namespace, empty and remove the cgroup, wipe, release the ids); the agent
 //! asks for it, collects the shim's outcome and records one log line.
 
-
 use crate::instance::Instance;
 use crate::phase::{EndReason, Phase};
 use crate::shim::{describe_exit, Shim};

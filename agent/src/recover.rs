@@ -3,7 +3,6 @@
 //! then leases and cgroups that no instance dir names are removed too (a
 //! crash can fall between creating one and recording it).
 
-
 use crate::Ctx;
 use berth_shim::spec::Outcome;
 use std::collections::HashSet;

@@ -3,7 +3,6 @@
 //! call fails with one status (which error.rs chooses). buildx and buildctl
 //! then print the message as is.
 
-
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};

@@ -1,7 +1,6 @@
 //! The `run` command: validate the host, sweep, listen, and on SIGTERM stop
 //! taking clients and end every instance before exiting.
 
-
 use crate::config::RunArgs;
 use crate::idmap::{IdPool, IdmapError};
 use crate::{listen, recover, sys, Ctx};

@@ -13,7 +13,6 @@
 //! quota) goes into `prepare` after the spec records it, into `release`, and
 //! into the shim's wipe.
 
-
 pub mod buildkitd;
 
 use crate::error::{AdmitError, SpawnError};
@@ -45,9 +44,8 @@ async fn start_shim(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, SpawnE
     // wait ~10 ms for the kernel): off the two async workers, so a burst of
     // new clients does not stall every other connection.
     let (c, i) = (ctx.clone(), inst.clone());
-    let spec = tokio::task::spawn_blocking(move || prepare(&c, &i))
-        .await
-        .map_err(|e| SpawnError::Task(e.to_string()))??;
+    let spec =
+        tokio::task::spawn_blocking(move || prepare(&c, &i)).await.map_err(|e| SpawnError::Task(e.to_string()))??;
     let dir = &inst.dir;
     let child = Command::new(&ctx.shim)
         .arg("run")
@@ -224,4 +222,3 @@ fn probe_interval(since_start: Duration) -> Duration {
 fn with_hint(tail: &str) -> String {
     format!("{}{}", tail.trim_end(), crate::hints::for_stderr(tail))
 }
-

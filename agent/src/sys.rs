@@ -1,7 +1,6 @@
 //! The agent's few direct system calls, in one place. All go through nix,
 //! so this module needs no unsafe code.
 
-
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{chown, Gid, Pid, Uid};
 use std::io;

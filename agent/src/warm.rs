@@ -10,8 +10,8 @@
 //! launch instances without the two modules importing each other.
 
 use crate::Ctx;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 /// Starts warm instances until the pool is full, a slot is missing, a
 /// client is queued (it has the first claim on a freed slot), the pool

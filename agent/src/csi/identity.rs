@@ -1,6 +1,5 @@
 //! CSI Identity: who we are and whether we are ready.
 
-
 use super::Csi;
 use crate::proto::csi_v1::{
     identity_server, plugin_capability, GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse,

@@ -1,7 +1,6 @@
 //! CSI Node: publish and unpublish a pod's socket dir. Both are idempotent
 //! and serialized per volume; a refused request touches nothing.
 
-
 use super::target::{self, Pod};
 use super::{Csi, Publication, SOCKET};
 use crate::proto::csi_v1::{

@@ -4,7 +4,6 @@
 //! `..` and no symlink below the kubelet dir. Nothing is touched before a
 //! request passes.
 
-
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};

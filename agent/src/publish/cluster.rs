@@ -1,7 +1,6 @@
 //! `berth-agent capacity --cluster`: every Node's published build slots,
 //! builds in use and architecture, with totals, read from the Kubernetes API.
 
-
 use super::{ANNOTATION_IN_USE, LABEL_ARCH, LABEL_K8S_ARCH};
 use crate::config::{CapacityCmd, OutputFormat};
 use k8s_openapi::api::core::v1::Node;

@@ -2,7 +2,6 @@
 //! parallelism from its CPU limit, only the instance's unix socket (no TCP
 //! listener), and every runtime path inside the instance.
 
-
 use berth_shim::spec::Spec;
 use toml::{Table, Value};
 
