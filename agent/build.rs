@@ -1,7 +1,9 @@
 //! Compiles the protos the agent speaks without a system protoc: protox
 //! parses them, tonic-prost-build generates the code. CSI gets a server
 //! (kubelet calls us) and a client (tests act as kubelet); BuildKit's
-//! Control gets a client (readiness fallback for daemons without health).
+//! Control gets a client (readiness fallback for daemons without health);
+//! kubelet's plugin registration gets a server (kubelet calls us) and a
+//! client (tests play kubelet's plugin watcher).
 
 use std::path::PathBuf;
 
@@ -12,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "moby/buildkit/v1/control.proto",
         "moby/buildkit/v1/types/worker.proto",
         "moby/buildkit/solver/pb/ops.proto",
+        "pluginregistration/v1/api.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());

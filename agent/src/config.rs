@@ -249,6 +249,12 @@ pub struct RunArgs {
     /// kubelet's root dir: CSI target paths must lie under `<dir>/pods/`.
     #[arg(long, env = "BERTH_KUBELET_DIR", default_value = "/var/lib/kubelet")]
     pub kubelet_dir: PathBuf,
+    /// Register the CSI driver with kubelet by serving kubelet's plugin registration API on
+    /// `<dir>/<driver>-reg.sock` (kubelet's plugins_registry, usually
+    /// `/var/lib/kubelet/plugins_registry`); needs --csi-endpoint. Unset: no registration
+    /// (a node-driver-registrar, or nothing, registers the driver).
+    #[arg(long, env = "BERTH_REGISTRATION_DIR")]
+    pub registration_dir: Option<PathBuf>,
     /// Host dir for per-pod socket dirs (`<dir>/pods/<volume>/buildkitd.sock`).
     #[arg(long, env = "BERTH_RUN_DIR", default_value = "/run/berth")]
     pub run_dir: PathBuf,

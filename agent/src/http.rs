@@ -63,6 +63,9 @@ fn not_ready(ctx: &Ctx) -> Option<String> {
     if *ctx.draining.borrow() {
         return Some("draining".into());
     }
+    if let Some(why) = ctx.kubelet.borrow().not_ready() {
+        return Some(why);
+    }
     if !ctx.daemon.is_file() {
         return Some(format!("daemon {} is gone", ctx.daemon.display()));
     }

@@ -41,6 +41,7 @@ pub mod queue;
 pub mod reap;
 pub mod recover;
 pub mod refuse;
+pub mod register;
 pub mod registry;
 pub mod run;
 pub mod shim;
@@ -83,6 +84,8 @@ pub struct Ctx {
     pub slots_total: u64,
     /// Clients waiting for a slot.
     pub queued: AtomicUsize,
+    /// Registration of the CSI driver with kubelet (`--registration-dir`).
+    pub kubelet: watch::Sender<register::Kubelet>,
     /// This agent's ownership lock; instances record its id.
     pub owner: owner::Owner,
 }

@@ -23,22 +23,53 @@ pub enum ListenError {
     Io { path: PathBuf, source: io::Error },
 }
 
-/// Binds a unix socket at `path` with `mode`, replacing a stale socket file.
+/// Binds a unix socket at `path` with `mode`, replacing a stale or older
+/// agent's socket file.
 pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
     let io_err = |source| ListenError::Io { path: path.to_path_buf(), source };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(io_err)?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
-            std::fs::remove_file(path).map_err(io_err)?;
-        }
-        Ok(_) => return Err(ListenError::NotASocket { path: path.to_path_buf() }),
-        Err(_) => {}
+    if replaceable(path)? {
+        std::fs::remove_file(path).map_err(io_err)?;
     }
     let l = UnixListener::bind(path).map_err(io_err)?;
     sys::chmod(path, mode).map_err(io_err)?;
     Ok(l)
+}
+
+/// Like [`bind`], but the path never goes missing: the socket is bound under
+/// a dot name beside it, given its mode, then renamed over it. For kubelet's
+/// plugin watcher, which ignores dot names and deregisters a plugin whose
+/// socket is deleted: it sees only the new socket arrive. (Not used for the
+/// build sockets: `/proc/net/unix` and `ss -x` show a socket by the name it
+/// was bound under, which would then be the dot name.)
+pub fn bind_replacing(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
+    let io_err = |source| ListenError::Io { path: path.to_path_buf(), source };
+    let Some(parent) = path.parent() else {
+        return Err(io_err(io::Error::from(io::ErrorKind::InvalidInput)));
+    };
+    replaceable(path)?;
+    // Short (socket paths are limited to 107 bytes) and unique per bind.
+    static BINDS: AtomicU64 = AtomicU64::new(0);
+    let tmp = parent.join(format!(".b{}-{}", std::process::id(), BINDS.fetch_add(1, Ordering::Relaxed)));
+    let _ = std::fs::remove_file(&tmp);
+    let l = UnixListener::bind(&tmp).map_err(io_err)?;
+    if let Err(e) = sys::chmod(&tmp, mode).and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_err(e));
+    }
+    Ok(l)
+}
+
+/// Creates the socket's dir; true when a socket file is in the way (ours to
+/// replace), an error when anything else is.
+fn replaceable(path: &Path) -> Result<bool, ListenError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|source| ListenError::Io { path: path.to_path_buf(), source })?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => Ok(true),
+        Ok(_) => Err(ListenError::NotASocket { path: path.to_path_buf() }),
+        Err(_) => Ok(false),
+    }
 }
 
 /// The inode of a socket file, to tell our socket from a newer agent's.

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub refused: Family<ReasonLabel, Counter>,
     /// Limit hits inside running instances, by limit (memory, pids).
     pub limit_hits: Family<ReasonLabel, Counter>,
+    /// 1 while kubelet has acknowledged the CSI driver's registration.
+    pub kubelet_registered: Gauge,
 }
 
 impl Default for Metrics {
@@ -60,6 +62,7 @@ impl Metrics {
             proxied_bytes: Family::default(),
             refused: Family::default(),
             limit_hits: Family::default(),
+            kubelet_registered: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("slots", "Build slots on this node", m.slots_total.clone());
@@ -84,6 +87,11 @@ impl Metrics {
             "limit_hits",
             "OOM kills and refused forks inside running instances, by limit",
             m.limit_hits.clone(),
+        );
+        registry.register(
+            "kubelet_registered",
+            "1 while kubelet has acknowledged the CSI driver registration (--registration-dir)",
+            m.kubelet_registered.clone(),
         );
         for l in ["memory", "pids"] {
             let _ = m.limit_hits.get_or_create(&ReasonLabel { reason: l.into() });

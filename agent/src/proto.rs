@@ -21,5 +21,10 @@ pub mod pb {
     tonic::include_proto!("pb");
 }
 
+/// Kubelet's plugin registration API (package without a version).
+pub mod pluginregistration {
+    tonic::include_proto!("pluginregistration");
+}
+
 pub use csi::v1 as csi_v1;
 pub use moby::buildkit::v1 as control;

@@ -28,6 +28,8 @@ pub enum RunError {
     Listen(#[source] listen::ListenError),
     #[error("--http-addr {0}: {1}")]
     Http(std::net::SocketAddr, std::io::Error),
+    #[error("{0}")]
+    Register(#[from] crate::register::RegisterError),
     #[error("signals: {0}")]
     Signal(std::io::Error),
 }
@@ -79,6 +81,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         .and_then(|p| std::fs::canonicalize(p).ok())
         .ok_or_else(|| RunError::NoDaemon(args.host.daemon.clone()))?;
     let shim = find_shim(args.host.shim.as_deref())?;
+    crate::register::validate(&args)?;
     prepare_state(&args.host.state_dir)?;
     let layout = Layout::detect(&args.host.cgroup_root, &args.host.proc_root, args.host.cgroup_parent.as_deref())
         .map_err(RunError::Cgroup)?;
@@ -137,6 +140,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         slots: Arc::new(tokio::sync::Semaphore::new(slots_total as usize)),
         slots_total,
         queued: std::sync::atomic::AtomicUsize::new(0),
+        kubelet: watch::Sender::new(crate::register::Kubelet::Off),
         owner: crate::owner::Owner::acquire(&args.host.state_dir)
             .map_err(|e| RunError::StateDir(format!("agent lock: {e}")))?,
         run: args,
@@ -171,6 +175,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             }
         });
     }
+    // Registration with kubelet after the CSI endpoint listens: kubelet calls
+    // the endpoint named in GetInfo as soon as it has registered the driver.
+    let registration = crate::register::spawn(&ctx);
     // Node extended resource, labels, annotations: a task of its own that
     // only logs, so the API being down never holds up serving builds.
     let _publisher = crate::publish::spawn(&ctx);
@@ -185,6 +192,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     }
     ctx.tasks.close();
     ctx.tasks.wait().await;
+    if let Some(r) = registration {
+        let _ = r.await;
+    }
     // Remove our sockets, unless a newer agent has bound the path since.
     for (path, ino) in &owned {
         if listen::inode(path) == Some(*ino) {

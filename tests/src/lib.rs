@@ -5,6 +5,7 @@
 //! - [`grpc`]: channels over unix sockets and small client helpers.
 //! - [`pattern`]: the deterministic byte stream `Fake.Stream` sends, and its checksum.
 //! - [`fakekitd`]: the stand-in build daemon (the `fakekitd` binary is a thin main).
+//! - [`kubelet`]: kubelet's side: its plugin watcher and CSI requests, played by the CSI suites.
 //! - [`harness`]: drives the real `berth-agent`, `berth-shim`, `fakekitd` and
 //!   `fakeclient` binaries for the end-to-end suites in `tests/`.
 //! - [`bench`]: the benchmark suite (the `berth-bench` binary is a thin main);
@@ -14,6 +15,7 @@ pub mod bench;
 pub mod fakekitd;
 pub mod grpc;
 pub mod harness;
+pub mod kubelet;
 pub mod pattern;
 
 /// Generated code. `berth.fake.v1` is compiled here; BuildKit's Control

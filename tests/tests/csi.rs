@@ -6,12 +6,11 @@ use berth_agent::proto::csi_v1::identity_client::IdentityClient;
 use berth_agent::proto::csi_v1::node_client::NodeClient;
 use berth_agent::proto::csi_v1::{
     volume_capability, GetPluginInfoRequest, NodeGetInfoRequest, NodePublishVolumeRequest, NodeUnpublishVolumeRequest,
-    VolumeCapability,
 };
 use berth_tests::harness::{Agent, AgentBuilder};
+use berth_tests::kubelet::{mount_cap, pod_ctx};
 use berth_tests::proto::fake::PingRequest;
 use berth_tests::{fake_client, try_channel};
-use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -71,28 +70,6 @@ impl Kubelet<'_> {
         };
         self.node().await.node_unpublish_volume(req).await.map(|_| ())
     }
-}
-
-fn mount_cap() -> VolumeCapability {
-    VolumeCapability {
-        access_type: Some(volume_capability::AccessType::Mount(Default::default())),
-        access_mode: Some(volume_capability::AccessMode {
-            mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
-        }),
-    }
-}
-
-fn pod_ctx(pod: &str, ns: &str) -> HashMap<String, String> {
-    [
-        ("csi.storage.k8s.io/ephemeral", "true"),
-        ("csi.storage.k8s.io/pod.name", pod),
-        ("csi.storage.k8s.io/pod.namespace", ns),
-        ("csi.storage.k8s.io/pod.uid", pod),
-        ("csi.storage.k8s.io/serviceAccount.name", "default"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect()
 }
 
 async fn channel(sock: &Path) -> Channel {
