@@ -25,12 +25,12 @@ fn daemonset_runs_on_amd64_and_arm64_with_surge_rollout() {
         assert_eq!(ru["rollingUpdate"]["maxSurge"], 1, "{label}");
         assert_eq!(ru["rollingUpdate"]["maxUnavailable"], 0, "{label}");
 
-        // Only the agent is privileged; the registrar gets nothing.
+        // One container, the agent: it registers with kubelet itself (no
+        // node-driver-registrar sidecar, whose exit removed the new pod's socket).
         let agent = r.container("berth-agent");
         assert_eq!(agent["securityContext"]["privileged"], true, "{label}");
-        let reg = r.container("node-driver-registrar");
-        assert_ne!(reg["securityContext"]["privileged"], true, "{label}");
-        assert_eq!(reg["securityContext"]["allowPrivilegeEscalation"], false, "{label}");
+        let names: Vec<&str> = containers(spec).iter().filter_map(|c| c["name"].as_str()).collect();
+        assert_eq!(names, ["berth-agent"], "{label}: no registrar sidecar");
         assert!(spec["hostNetwork"].is_null() && spec["hostPID"].is_null(), "{label}: no host namespaces");
 
         let env = arr(&agent["env"]);
@@ -50,32 +50,26 @@ fn daemonset_runs_on_amd64_and_arm64_with_surge_rollout() {
 }
 
 #[test]
-fn registrar_uses_kubelets_plugin_paths() {
+fn agent_registers_itself_in_kubelets_plugin_paths() {
     for (label, r, kubelet) in
         [("defaults", default_render(), "/var/lib/kubelet"), ("custom", custom_render(), "/var/lib/k0s/kubelet")]
     {
-        let reg = r.container("node-driver-registrar");
-        let args = strings(&reg["args"]);
-        assert!(args.contains(&"--csi-address=/csi/csi.sock".to_string()), "{label}: {args:?}");
-        let reg_path = format!("--kubelet-registration-path={kubelet}/plugins/{DRIVER}/csi.sock");
-        assert!(args.contains(&reg_path), "{label}: {args:?} lacks {reg_path}");
         let spec = r.pod_spec();
+        let plugin = format!("{kubelet}/plugins/{DRIVER}");
         assert_eq!(volume(spec, "registration-dir")["hostPath"]["path"], format!("{kubelet}/plugins_registry"));
-        assert_eq!(volume(spec, "plugin-dir")["hostPath"]["path"], format!("{kubelet}/plugins/{DRIVER}"));
-        let mounts = |c: &Value| -> BTreeMap<String, String> {
-            arr(&c["volumeMounts"])
-                .iter()
-                .map(|m| (m["name"].as_str().unwrap().to_string(), m["mountPath"].as_str().unwrap().to_string()))
-                .collect()
-        };
-        assert_eq!(mounts(reg)["plugin-dir"], "/csi");
-        assert_eq!(mounts(reg)["registration-dir"], "/registration");
-        // The agent serves CSI on the socket the registrar dials.
-        assert_eq!(mounts(r.container("berth-agent"))["plugin-dir"], "/csi");
-        assert_eq!(r.flag("csi-endpoint").as_deref(), Some("unix:///csi/csi.sock"), "{label}");
+        assert_eq!(volume(spec, "plugin-dir")["hostPath"]["path"], plugin);
+        let mounts: BTreeMap<String, String> = arr(&r.container("berth-agent")["volumeMounts"])
+            .iter()
+            .map(|m| (m["name"].as_str().unwrap().to_string(), m["mountPath"].as_str().unwrap().to_string()))
+            .collect();
+        // The endpoint the agent names to kubelet is the host path: the plugin
+        // dir is mounted where it is on the node.
+        assert_eq!(mounts["plugin-dir"], plugin, "{label}");
+        assert_eq!(r.flag("csi-endpoint"), Some(format!("unix://{plugin}/csi.sock")), "{label}");
+        // kubelet's plugin watcher dir, where the agent offers its registration socket.
+        assert_eq!(mounts["registration-dir"], format!("{kubelet}/plugins_registry"), "{label}");
+        assert_eq!(r.flag("registration-dir"), Some(format!("{kubelet}/plugins_registry")), "{label}");
         assert_eq!(r.flag("kubelet-dir").as_deref(), Some(kubelet), "{label}");
-        // The registrar's liveness re-registers when the socket is lost.
-        assert_eq!(reg["livenessProbe"]["httpGet"]["path"], "/healthz");
     }
 }
 
