@@ -9,11 +9,10 @@
 use crate::config::CheckArgs;
 use crate::idmap::IdPool;
 use crate::run::{find_shim, which};
-use berth_shim::cgroup::{self, Layout};
+use berth_shim::cgroup::{delegate, CgroupError};
 use std::fmt;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
@@ -232,23 +231,21 @@ fn subid_overlap(etc: &Path, start: u64, end: u64) -> Option<String> {
     None
 }
 
+/// Probes in a throwaway child cgroup, removed again; never moves a process
+/// nor enables a controller, so running it beside a live agent (or twice)
+/// leaves the tree as it was.
 fn cgroups(args: &CheckArgs) -> Item {
     const N: &str = "cgroups";
     let h = &args.host;
     let fix =
         "run with the cgroup filesystem mounted read-write (privileged), or pass --cgroup-parent to a delegated cgroup";
-    let layout = match Layout::detect(&h.cgroup_root, &h.proc_root, h.cgroup_parent.as_deref()) {
-        Ok(l) => l,
-        Err(e) => return fail(N, e.to_string(), fix),
-    };
-    let name = format!("berth-check-{}", std::process::id());
-    match layout.create(&name, &args.limits.limits()) {
-        Ok(spec) => {
-            let _ = cgroup::remove(&spec, Duration::from_secs(2));
-            let where_: Vec<String> = layout.parents.iter().map(|(c, p)| format!("{c}={}", p.display())).collect();
-            ok(N, format!("{:?}, memory+cpu+pids writable under {}", layout.version, where_.join(" ")))
-        }
-        Err(e) => fail(N, format!("{:?}: cannot create a limited cgroup: {e}", layout.version), fix),
+    let probe = delegate::plan(&h.cgroup_root, &h.proc_root, h.cgroup_parent.as_deref())
+        .and_then(|plan| plan.probe(&args.limits.limits()));
+    match probe {
+        Ok(delegate::Probe { detail, warning: None }) => ok(N, detail),
+        Ok(delegate::Probe { detail, warning: Some(w) }) => warn(N, detail, w),
+        Err(e @ CgroupError::Busy { .. }) => fail(N, e.to_string(), fix),
+        Err(e) => fail(N, format!("cannot create a limited cgroup: {e}"), fix),
     }
 }
 

@@ -4,7 +4,7 @@
 use crate::config::RunArgs;
 use crate::idmap::{IdPool, IdmapError};
 use crate::{listen, recover, sys, Ctx};
-use berth_shim::cgroup::{CgroupError, Layout};
+use berth_shim::cgroup::{delegate, CgroupError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
@@ -83,8 +83,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let shim = find_shim(args.host.shim.as_deref())?;
     crate::register::validate(&args)?;
     prepare_state(&args.host.state_dir)?;
-    let layout = Layout::detect(&args.host.cgroup_root, &args.host.proc_root, args.host.cgroup_parent.as_deref())
-        .map_err(RunError::Cgroup)?;
+    // cgroup delegation (issue 17): the agent's minimal move, undone on exit
+    // (`delegation` is dropped, or undone and logged at the end of `run`).
+    let (layout, mut delegation) =
+        delegate::plan(&args.host.cgroup_root, &args.host.proc_root, args.host.cgroup_parent.as_deref())
+            .and_then(|p| p.apply())
+            .map_err(RunError::Cgroup)?;
     let pool = IdPool::new(
         args.host.idmap_base,
         args.host.idmap_count,
@@ -202,6 +206,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 warn!(socket = %path.display(), error = %e, "cannot remove socket");
             }
         }
+    }
+    for kept in delegation.undo() {
+        warn!(what = %kept, "cgroup delegation not fully undone");
     }
     info!("all instances ended; bye");
     Ok(())

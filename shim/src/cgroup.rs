@@ -8,6 +8,7 @@
 //! `/proc/self/mountinfo` and cannot be pointed at a temp tree, and the few
 //! files we need are simpler to write than to adapt.
 
+pub mod delegate;
 mod v1;
 mod v2;
 
@@ -44,6 +45,8 @@ pub enum CgroupError {
     Io { path: PathBuf, source: io::Error },
     #[error("{path}: {msg}")]
     Layout { path: PathBuf, msg: String },
+    #[error("{path}: Device or resource busy (EBUSY): cgroup v2 enables controllers for child cgroups only in a cgroup with no processes of its own, and {cgroup} holds {who}. Fix: pass --cgroup-parent to a delegated cgroup with no processes in it, or leave {cgroup} to the agent alone (no other process or exec session in it when the agent starts)")]
+    Busy { path: PathBuf, cgroup: PathBuf, who: String },
     #[error("{path}: still has processes {pids:?} after {waited:?}")]
     NotEmpty { path: PathBuf, pids: Vec<i32>, waited: Duration },
 }
@@ -79,17 +82,6 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// Detects the version under `root` and places instances under `parent`
-    /// (relative to each hierarchy's root) or, without one, under the cgroup
-    /// that `<proc>/self/cgroup` names for each controller.
-    pub fn detect(root: &Path, proc_root: &Path, parent: Option<&str>) -> Result<Layout, CgroupError> {
-        if root.join("cgroup.controllers").exists() {
-            v2::layout(root, proc_root, parent)
-        } else {
-            v1::layout(root, proc_root, parent)
-        }
-    }
-
     /// Creates the cgroup `name` under every parent and writes the limits.
     /// On failure, whatever was created is removed again.
     pub fn create(&self, name: &str, limits: &Limits) -> Result<CgroupSpec, CgroupError> {

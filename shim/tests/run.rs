@@ -3,7 +3,7 @@
 //! does, the daemon is `/bin/sh` with a script, and every test checks that
 //! nothing of the instance is left afterwards.
 
-use berth_shim::cgroup::{self, Layout, Limits};
+use berth_shim::cgroup::{self, delegate, Limits};
 use berth_shim::spec::{EndReason, IdRange, Outcome, PidStamp, Spec, DAEMON_LOG_FILE, DAEMON_PID_FILE, SHIM_PID_FILE};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{chown, Gid, Pid, Uid};
@@ -24,6 +24,8 @@ struct Inst {
     _tmp: tempfile::TempDir,
     dir: PathBuf,
     spec: Spec,
+    /// The shared parent `berth-shimtest`; removed when the last test using it ends.
+    _parent: delegate::Delegation,
 }
 
 impl Drop for Inst {
@@ -55,7 +57,8 @@ fn setup(daemon: &str, args: &[&str]) -> Inst {
         chown(&p, Some(Uid::from_raw(host_base)), Some(Gid::from_raw(host_base))).unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(0o700)).unwrap();
     }
-    let layout = Layout::detect(Path::new("/sys/fs/cgroup"), Path::new("/proc"), Some("berth-shimtest"))
+    let (layout, parent) = delegate::plan(Path::new("/sys/fs/cgroup"), Path::new("/proc"), Some("berth-shimtest"))
+        .and_then(|p| p.apply())
         .expect("host cgroups usable (run as root)");
     let limits = Limits { memory_bytes: 256 << 20, cpu_millis: 1000, pids: 64 };
     let cgroup = layout.create(&format!("t{pid}-{n}"), &limits).unwrap();
@@ -79,7 +82,7 @@ fn setup(daemon: &str, args: &[&str]) -> Inst {
         log_cap_bytes: 16 << 20,
     };
     spec.store().unwrap();
-    Inst { _tmp: tmp, dir, spec }
+    Inst { _tmp: tmp, dir, spec, _parent: parent }
 }
 
 fn spawn(inst: &Inst) -> Child {

@@ -8,22 +8,22 @@ fn tree_v2() -> (tempfile::TempDir, PathBuf, PathBuf) {
     fs::create_dir_all(root.join("kubepods/pod1")).unwrap();
     fs::write(root.join("cgroup.controllers"), "cpuset cpu io memory pids\n").unwrap();
     fs::write(root.join("kubepods/pod1/cgroup.controllers"), "cpu memory pids\n").unwrap();
-    fs::write(root.join("kubepods/pod1/cgroup.procs"), "42\n43\n").unwrap();
+    fs::write(root.join("kubepods/pod1/cgroup.procs"), format!("{}\n", std::process::id())).unwrap();
     fs::create_dir_all(proc_root.join("self")).unwrap();
     fs::write(proc_root.join("self/cgroup"), "0::/kubepods/pod1\n").unwrap();
     (t, root, proc_root)
 }
 
 #[test]
-fn v2_nests_under_own_cgroup_moves_agent_to_leaf_and_writes_limits() {
+fn v2_nests_under_own_cgroup_moves_only_the_agent_to_its_leaf_and_writes_limits() {
     let (_t, root, proc_root) = tree_v2();
-    let layout = Layout::detect(&root, &proc_root, None).unwrap();
+    let plan = delegate::plan(&root, &proc_root, None).unwrap();
+    let (layout, _undo) = plan.apply().unwrap();
     assert_eq!(layout.version, CgroupVersion::V2);
     let parent = root.join("kubepods/pod1");
     assert_eq!(layout.parents, vec![("unified".to_string(), parent.clone())]);
-    // Both processes of the parent were moved into the leaf (the plain file
-    // keeps the last write, which is enough to see the move happened).
-    assert_eq!(fs::read_to_string(parent.join("agent/cgroup.procs")).unwrap(), "43");
+    // The agent (this process) moved into the leaf, nothing else.
+    assert_eq!(fs::read_to_string(parent.join("agent/cgroup.procs")).unwrap(), std::process::id().to_string());
     assert_eq!(fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap(), "+memory +cpu +pids");
 
     let lim = Limits { memory_bytes: 256 << 20, cpu_millis: 500, pids: 100 };
@@ -44,7 +44,7 @@ fn v2_nests_under_own_cgroup_moves_agent_to_leaf_and_writes_limits() {
 fn v2_refuses_a_parent_without_delegated_controllers() {
     let (_t, root, proc_root) = tree_v2();
     fs::write(root.join("kubepods/pod1/cgroup.controllers"), "cpu\n").unwrap();
-    let err = Layout::detect(&root, &proc_root, None).unwrap_err().to_string();
+    let err = delegate::plan(&root, &proc_root, None).unwrap().apply().unwrap_err().to_string();
     assert!(err.contains("[\"memory\", \"pids\"]") && err.contains("--cgroup-parent"), "{err}");
 }
 
@@ -57,7 +57,7 @@ fn v1_uses_each_controllers_own_path_and_co_mounts() {
     }
     fs::create_dir_all(t.path().join("proc/self")).unwrap();
     fs::write(t.path().join("proc/self/cgroup"), "5:pids:/\n4:memory:/a/b\n2:cpu,cpuacct:/\n0::/\n").unwrap();
-    let layout = Layout::detect(&root, &t.path().join("proc"), None).unwrap();
+    let (layout, _undo) = delegate::plan(&root, &t.path().join("proc"), None).unwrap().apply().unwrap();
     assert_eq!(layout.version, CgroupVersion::V1);
     assert_eq!(layout.parents[0].1, root.join("memory/a/b"));
     assert_eq!(layout.parents[1].1, root.join("cpu,cpuacct"));
@@ -67,9 +67,11 @@ fn v1_uses_each_controllers_own_path_and_co_mounts() {
     assert_eq!(fs::read_to_string(mem.join("memory.limit_in_bytes")).unwrap(), "1073741824");
     assert_eq!(fs::read_to_string(root.join("cpu,cpuacct/berth-y/cpu.cfs_quota_us")).unwrap(), "150000");
     assert_eq!(fs::read_to_string(root.join("pids/berth-y/pids.max")).unwrap(), "64");
-    // A configured parent is created where it is missing.
-    let l2 = Layout::detect(&root, &t.path().join("proc"), Some("/berth/test")).unwrap();
+    // A configured parent is created where it is missing, and removed again.
+    let (l2, mut undo) = delegate::plan(&root, &t.path().join("proc"), Some("/berth/test")).unwrap().apply().unwrap();
     assert!(l2.parents.iter().all(|(_, p)| p.ends_with("berth/test") && p.is_dir()));
+    assert!(undo.undo().is_empty());
+    assert!(l2.parents.iter().all(|(_, p)| !p.parent().unwrap().exists()), "berth/ and berth/test removed");
     let _ = spec;
 }
 
@@ -77,7 +79,7 @@ fn v1_uses_each_controllers_own_path_and_co_mounts() {
 fn v1_missing_controller_is_named() {
     let t = tempfile::tempdir().unwrap();
     fs::create_dir_all(t.path().join("cg/memory")).unwrap();
-    let err = Layout::detect(&t.path().join("cg"), t.path(), Some("x")).unwrap_err().to_string();
+    let err = delegate::plan(&t.path().join("cg"), t.path(), Some("x")).unwrap_err().to_string();
     assert!(err.contains("cpu controller"), "{err}");
 }
 
@@ -86,7 +88,11 @@ fn v1_missing_controller_is_named() {
 #[test]
 fn real_host_cgroup_lifecycle() {
     let root = Path::new("/sys/fs/cgroup");
-    let layout = Layout::detect(root, Path::new("/proc"), None).expect("host cgroups usable (run as root)");
+    // A parent of its own: in the root cgroup (the VM lane) or in this
+    // process's cgroup on v2, no process of the test runner is moved.
+    let parent = format!("berth-unittest-{}", std::process::id());
+    let plan = delegate::plan(root, Path::new("/proc"), Some(&parent)).unwrap();
+    let (layout, mut undo) = plan.apply().expect("host cgroups usable (run as root)");
     let name = format!("berth-unittest-{}", std::process::id());
     let spec = layout.create(&name, &Limits { memory_bytes: 64 << 20, cpu_millis: 500, pids: 16 }).unwrap();
     let mut child = Command::new("sleep").arg("30").spawn().unwrap();
@@ -97,6 +103,8 @@ fn real_host_cgroup_lifecycle() {
     assert!(procs(&spec).is_empty());
     remove(&spec, Duration::from_secs(5)).unwrap();
     assert!(spec.dirs.iter().all(|(_, d)| !d.exists()));
+    assert!(undo.undo().is_empty());
+    assert!(layout.parents.iter().all(|(_, p)| !p.exists()), "the parent is removed with the delegation");
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! cgroup v1: one hierarchy per controller, each with its own nesting (on
 //! hybrid hosts the memory cgroup of a process often differs from its cpu one).
 
-use super::{io_err, keyed, path_of, read_u64, write, CgroupError, Limits, Usage, CONTROLLERS};
-use crate::spec::{CgroupSpec, CgroupVersion};
+use super::{io_err, keyed, read_u64, write, CgroupError, Limits, Usage};
+use crate::spec::CgroupSpec;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -11,7 +11,7 @@ const CFS_PERIOD_US: u64 = 100_000;
 
 /// The mount of a controller: `<root>/<c>`, or a co-mounted dir such as
 /// `cpu,cpuacct` when no alias exists.
-fn mount_of(root: &Path, controller: &str) -> Result<PathBuf, CgroupError> {
+pub(super) fn mount_of(root: &Path, controller: &str) -> Result<PathBuf, CgroupError> {
     let direct = root.join(controller);
     if direct.is_dir() {
         return Ok(direct);
@@ -27,22 +27,6 @@ fn mount_of(root: &Path, controller: &str) -> Result<PathBuf, CgroupError> {
         path: root.to_path_buf(),
         msg: format!("no cgroup v1 hierarchy for the {controller} controller is mounted"),
     })
-}
-
-pub(super) fn layout(root: &Path, proc_root: &Path, parent: Option<&str>) -> Result<super::Layout, CgroupError> {
-    let mut parents = Vec::new();
-    for c in CONTROLLERS {
-        let mount = mount_of(root, c)?;
-        let rel = match parent {
-            Some(p) => p.to_string(),
-            None => path_of(proc_root, "self", c)?,
-        };
-        let dir = mount.join(rel.trim_start_matches('/'));
-        // A configured parent is created on demand, as `mkdir -p` would.
-        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        parents.push((c.to_string(), dir));
-    }
-    Ok(super::Layout { version: CgroupVersion::V1, parents })
 }
 
 pub(super) fn create(spec: &CgroupSpec, limits: &Limits) -> Result<(), CgroupError> {
