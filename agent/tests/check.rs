@@ -51,3 +51,90 @@ fn state_dir_on_overlayfs_fails_with_the_fix() {
     let ovl = out.lines().find(|l| l.contains("overlayfs ")).unwrap();
     assert!(ovl.starts_with("warn"), "{out}");
 }
+
+/// Every cgroup dir (in every hierarchy) whose path contains `mark`, with
+/// its processes and the controllers it passes on.
+fn cgroups_marked(mark: &str) -> Vec<(String, String, String)> {
+    fn walk(d: &Path, mark: &str, out: &mut Vec<(String, String, String)>) {
+        let Ok(rd) = std::fs::read_dir(d) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                if p.to_string_lossy().contains(mark) {
+                    let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+                    out.push((p.display().to_string(), read("cgroup.procs"), read("cgroup.subtree_control")));
+                }
+                walk(&p, mark, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(Path::new("/sys/fs/cgroup"), mark, &mut out);
+    out.sort();
+    out
+}
+
+fn check_with(args: &[&str], state: &Path, wrap_in: Option<&Path>) -> String {
+    let shim = Path::new(env!("CARGO_BIN_EXE_berth-agent")).with_file_name("berth-shim");
+    let mut cmd = Command::new("sh");
+    let enter = wrap_in.map(|c| format!("echo $$ > {}/cgroup.procs || exit 97; ", c.display())).unwrap_or_default();
+    cmd.arg("-c").arg(format!("{enter}exec \"$@\"")).arg("check").arg(env!("CARGO_BIN_EXE_berth-agent"));
+    cmd.args(["check", "--daemon", "/bin/true", "--state-dir"]).arg(state).arg("--shim").arg(&shim).args(args);
+    let out = cmd.output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `check` with a `--cgroup-parent` that does not exist yet probes beside
+/// it and leaves no dir behind, run after run (v1 here, v2 in the VM lane).
+#[test]
+fn check_leaves_the_cgroup_tree_as_it_found_it() {
+    let t = tempfile::tempdir().unwrap();
+    let mark = format!("berth-checktest-{}", std::process::id());
+    let parent = format!("{mark}/deep");
+    let before = cgroups_marked(&mark);
+    assert!(before.is_empty(), "{before:?}");
+    for run in 0..2 {
+        let out = check_with(&["--cgroup-parent", &parent], &t.path().join("state"), None);
+        let line = out.lines().find(|l| l.contains("cgroups")).unwrap_or_default();
+        assert!(line.starts_with("ok"), "run {run}: {out}");
+        assert_eq!(cgroups_marked(&mark), before, "run {run}: the tree changed:\n{out}");
+    }
+}
+
+/// cgroup v2: `check` from inside a service's cgroup where another process
+/// runs moves neither, enables nothing, and warns about the process that
+/// would stop `run` (the VM lane runs this; v1 hosts say SKIPPED).
+#[test]
+fn check_in_a_busy_v2_cgroup_moves_nothing_and_names_the_process() {
+    if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        eprintln!("SKIPPED: check in a busy v2 cgroup: needs a cgroup v2 host (this one is v1); the cgroup v2 VM lane runs it (tests/vm/run.sh)");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let mark = format!("berth-checktest-{}.service", std::process::id());
+    let svc = Path::new("/sys/fs/cgroup").join(&mark);
+    std::fs::create_dir(&svc).unwrap();
+    let mut sleeper = Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo $$ > {}/cgroup.procs && exec sleep 600", svc.display()))
+        .spawn()
+        .unwrap();
+    let pid = sleeper.id();
+    while !std::fs::read_to_string(svc.join("cgroup.procs")).unwrap_or_default().contains(&pid.to_string()) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let before = cgroups_marked(&mark);
+    let out = check_with(&[], &t.path().join("state"), Some(&svc));
+    let after = cgroups_marked(&mark);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let _ = std::fs::remove_dir(&svc);
+    // The check itself was in the cgroup while it ran, and is gone now.
+    let strip = |v: Vec<(String, String, String)>| -> Vec<(String, String, String)> {
+        v.into_iter().map(|(d, p, s)| (d, p.lines().filter(|l| *l == pid.to_string()).collect(), s)).collect()
+    };
+    assert_eq!(strip(after), strip(before), "the tree changed:\n{out}");
+    let line = out.lines().find(|l| l.contains("cgroups")).unwrap_or_default();
+    assert!(line.starts_with("warn"), "{out}");
+    assert!(out.contains(&format!("pid {pid} (sleep)")) && out.contains("--cgroup-parent"), "{out}");
+}
