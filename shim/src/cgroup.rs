@@ -273,7 +273,12 @@ pub fn ceiling_of(root: &Path, proc_root: &Path, pid: &str) -> Result<Ceiling, C
     let entries = proc_cgroups(proc_root, pid)?;
     let rel = |c: &str| entries.iter().find(|e| e.has(c)).map(|e| e.path.trim_start_matches('/').to_string());
     if root.join("cgroup.controllers").exists() {
-        return Ok(v2::ceiling(&root.join(rel("").unwrap_or_default())));
+        let mut dir = root.join(rel("").unwrap_or_default());
+        // issue 17: moved into its leaf, the agent's limits are its parent's.
+        if pid == "self" && dir.ends_with(delegate::AGENT_LEAF) {
+            dir.pop();
+        }
+        return Ok(v2::ceiling(&dir));
     }
     let mem = rel("memory").map(|r| root.join("memory").join(r));
     let cpu = rel("cpu").map(|r| root.join("cpu").join(r));

@@ -37,7 +37,7 @@ if [[ -n ${BERTH_VM_PLAN:-} ]]; then
   cp "$BERTH_VM_PLAN" "$results/plan.sh"
 else
   log "building the test binaries (cargo test --no-run)"
-  (cd "$work" && "${CARGO:-cargo}" test --no-run --message-format=json -p berth-tests -p berth-shim -p berth-agent 2>/dev/null) |
+  (cd "$work" && "${CARGO:-cargo}" test --workspace --no-run --message-format=json 2>/dev/null) |
     python3 "$here/plan.py" "$work" >"$results/plan.sh"
 fi
 
