@@ -24,8 +24,6 @@ struct Inst {
     _tmp: tempfile::TempDir,
     dir: PathBuf,
     spec: Spec,
-    /// The shared parent `berth-shimtest`; removed when the last test using it ends.
-    _parent: delegate::Delegation,
 }
 
 impl Drop for Inst {
@@ -57,7 +55,7 @@ fn setup(daemon: &str, args: &[&str]) -> Inst {
         chown(&p, Some(Uid::from_raw(host_base)), Some(Gid::from_raw(host_base))).unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(0o700)).unwrap();
     }
-    let (layout, parent) = delegate::plan(Path::new("/sys/fs/cgroup"), Path::new("/proc"), Some("berth-shimtest"))
+    let (layout, _) = delegate::plan(Path::new("/sys/fs/cgroup"), Path::new("/proc"), Some("berth-shimtest"))
         .and_then(|p| p.apply())
         .expect("host cgroups usable (run as root)");
     let limits = Limits { memory_bytes: 256 << 20, cpu_millis: 1000, pids: 64 };
@@ -82,7 +80,7 @@ fn setup(daemon: &str, args: &[&str]) -> Inst {
         log_cap_bytes: 16 << 20,
     };
     spec.store().unwrap();
-    Inst { _tmp: tmp, dir, spec, _parent: parent }
+    Inst { _tmp: tmp, dir, spec }
 }
 
 fn spawn(inst: &Inst) -> Child {

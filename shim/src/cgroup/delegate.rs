@@ -15,8 +15,10 @@
 //! - a process exec'd into a live agent's leaf (`kubectl exec`) uses the live
 //!   agent's placement and moves nothing.
 //!
-//! Everything created, enabled or moved is recorded and undone on exit, so a
-//! supervisor finds its cgroup as it left it and a restart there works.
+//! The agent's own move (its leaf, the controllers enabled in its cgroup) is
+//! recorded and undone on exit, so a supervisor finds its cgroup as it left
+//! it and a restart there works. A shared instance parent (`/berth`, a
+//! `--cgroup-parent`) stays for the next agent; a failed start undoes all.
 //! On v1 there is no such rule: only missing parent dirs are created.
 
 use super::{io_err, path_of, v1, write, CgroupError, Layout, Limits, CONTROLLERS};
@@ -172,7 +174,18 @@ impl Plan {
     pub fn apply(&self) -> Result<(Layout, Delegation), CgroupError> {
         let mut d = Delegation::default();
         match self.apply_into(&mut d) {
-            Ok(()) => Ok((self.layout.clone(), d)),
+            Ok(()) => {
+                // A shared instance parent (`--cgroup-parent`, `/berth`) stays:
+                // a second agent beside this one (a surge rollout, parallel
+                // agents on one parent) creates its instances there after we
+                // exit. It holds no process, so it blocks no restart. Only
+                // the agent's own move is undone on exit.
+                if self.placement != Placement::OwnLeaf {
+                    d.created.clear();
+                    d.enabled.clear();
+                }
+                Ok((self.layout.clone(), d))
+            }
             Err(e) => {
                 d.undo();
                 Err(e)
@@ -280,15 +293,17 @@ impl Plan {
         let warning = (!is_root && !in_the_way.is_empty() && !missing_in(&base, "cgroup.subtree_control").is_empty())
             .then(|| busy(&self.proc_root, &base, &in_the_way).to_string());
         let what = match self.placement {
-            Placement::OwnLeaf => format!("at start the agent moves itself into {}/{AGENT_LEAF}", base.display()),
-            _ => format!("instances go under {}", parent.display()),
+            Placement::OwnLeaf => {
+                format!(
+                    "at start the agent moves itself into {}/{AGENT_LEAF} and enables them in {}",
+                    base.display(),
+                    base.display()
+                )
+            }
+            _ => format!("at start the agent enables them down to {}, where instances go", parent.display()),
         };
         Ok(Probe {
-            detail: format!(
-                "V2, memory+cpu+pids delegated to {}; {what} and enables them there ({:?})",
-                base.display(),
-                self.placement
-            ),
+            detail: format!("V2, memory+cpu+pids delegated to {}; {what} ({:?})", base.display(), self.placement),
             warning,
         })
     }

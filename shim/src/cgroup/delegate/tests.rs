@@ -89,12 +89,12 @@ fn in_the_real_root_nothing_moves_and_instances_go_under_berth() {
     assert!(!t.root.join(AGENT_LEAF).exists(), "no leaf at the root");
     assert_eq!(fs::read_to_string(t.root.join("cgroup.subtree_control")).unwrap(), "+memory +cpu +pids");
     assert_eq!(fs::read_to_string(t.root.join("berth/cgroup.subtree_control")).unwrap(), "+memory +cpu +pids");
-    // berth/ was there before the enable at the root (it stands in for the
-    // kernel here), so nothing made since needs the controllers: both undone.
+    // The shared parent and the root's controllers stay for the next agent.
     let left = d.undo();
     assert!(left.is_empty(), "{left:?}");
-    assert_eq!(enabled(&fs::read_to_string(t.root.join("cgroup.subtree_control")).unwrap()), "");
-    assert_eq!(enabled(&fs::read_to_string(t.root.join("berth/cgroup.subtree_control")).unwrap()), "");
+    assert_eq!(enabled(&fs::read_to_string(t.root.join("cgroup.subtree_control")).unwrap()), "cpu memory pids");
+    assert_eq!(enabled(&fs::read_to_string(t.root.join("berth/cgroup.subtree_control")).unwrap()), "cpu memory pids");
+    assert_eq!(fs::read_to_string(t.root.join("cgroup.procs")).unwrap(), format!("1\n2\n{}\n", me()));
 }
 
 #[test]
