@@ -41,6 +41,20 @@ else
     python3 "$here/plan.py" "$work" >"$results/plan.sh"
 fi
 
+# The VM sees a copy of the binaries it runs, at their own paths: a build on
+# the host while the lane runs (cargo rewrites target/) must not change them
+# under the guest's feet.
+stage=$results/target
+mkdir -p "$stage"
+copy() { mkdir -p "$stage/$(dirname "${1#"$target"/}")" && cp "$1" "$stage/${1#"$target"/}"; }
+while read -r _ _ _ exe _; do
+  copy "$exe"
+done < <(grep '^suite ' "$results/plan.sh")
+bindir=$(dirname "$(dirname "$(awk '/^suite /{print $4; exit}' "$results/plan.sh")")")
+for exe in "$bindir"/{berth-agent,berth-shim,fakekitd,fakeclient}; do
+  [[ -f $exe ]] && copy "$exe"
+done
+
 # One qemu run: $1 = accelerator; output on the console log.
 boot() {
   local accel=$1 limit=$2 console=$3
@@ -53,7 +67,7 @@ boot() {
     -append "root=/dev/vda rw console=ttyS0 init=/sbin/berth-init panic=-1 cgroup_no_v1=all systemd.unified_cgroup_hierarchy=1 berth.work=$work berth.target=$target" \
     -drive "file=$image/rootfs.ext4,format=raw,if=virtio,snapshot=on" \
     -virtfs "local,path=$work,mount_tag=work,security_model=none,readonly=on" \
-    -virtfs "local,path=$target,mount_tag=target,security_model=none,readonly=on" \
+    -virtfs "local,path=$stage,mount_tag=target,security_model=none,readonly=on" \
     -virtfs "local,path=$results,mount_tag=results,security_model=none"
 }
 
@@ -107,6 +121,7 @@ if [[ $fail == 0 ]]; then
   log "cgroup v2 lane passed"
   rm -rf "$results"
 else
-  log "cgroup v2 lane FAILED; everything is in $results"
+  rm -rf "$stage"
+  log "cgroup v2 lane FAILED; the console and every suite's log are in $results"
 fi
 exit $fail
