@@ -2,6 +2,7 @@
 plan: one `suite <name> <dir> <executable> <args...>` line per entry of
 tests/vm/suites whose test target cargo built."""
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -17,8 +18,13 @@ for line in sys.stdin:
         pkg_dir = str(Path(m["manifest_path"]).parent.relative_to(work))
         exes[(pkg_dir, m["target"]["name"])] = m["executable"]
 
+full = os.environ.get("BERTH_VM_FULL") == "1"
 for raw in (work / "tests/vm/suites").read_text().splitlines():
     if not raw.strip() or raw.lstrip().startswith("#"):
+        continue
+    if raw.strip() == "full:":
+        if not full:
+            break
         continue
     name, pkg, target, *args = raw.split()
     exe = exes.get((pkg, target))
