@@ -44,6 +44,12 @@ if [ -f "$R/plan.sh" ]; then
 fi
 
 sleep 1
+# Shared instance parents stay by design for the next agent (/berth of the
+# root-cgroup agent, --cgroup-parent dirs of the tests); rmdir removes them
+# only when empty, so a leaked instance cgroup or process below still shows.
+for d in /sys/fs/cgroup/berth /sys/fs/cgroup/berth-shimtest /sys/fs/cgroup/berth-test; do
+  rmdir "$d" 2>/dev/null
+done
 snapshot >/run/berth-vm-after 2>&1
 if diff -u /run/berth-vm-before /run/berth-vm-after >"$R/leaks.log"; then
   echo 0 >"$R/leaks.rc"
