@@ -89,9 +89,11 @@ async fn run_life(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> EndReason {
         let outcome = shim.stop(ctx).await;
         return reap::record(ctx, inst, cause, outcome.as_ref());
     }
+    // A client of one connection (connection scope, or a peer the agent
+    // cannot tell apart from others) ends with its connection.
     let scope_idle = match ctx.run.scope {
-        Scope::Client => ctx.run.idle_timeout,
-        Scope::Connection => Duration::ZERO,
+        Scope::Client if !crate::listen::peer::is_connection_key(&inst.client().key) => ctx.run.idle_timeout,
+        _ => Duration::ZERO,
     };
     tokio::spawn(reap::watch_limits(ctx.clone(), inst.clone()));
     let cause = reap::serve_until_end(ctx, inst, &mut shim, scope_idle).await;

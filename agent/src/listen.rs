@@ -2,6 +2,8 @@
 //! (SO_PEERCRED plus the peer's cgroup), and hand each connection to
 //! admission and then to the proxy.
 
+pub mod peer;
+
 use crate::admit::admit;
 use crate::client::Client;
 use crate::config::Scope;
@@ -153,27 +155,17 @@ async fn handle(ctx: Arc<Ctx>, stream: UnixStream, source: Source) {
     .await
 }
 
-/// Who the peer is. In client scope the key is the peer's uid, gid and
-/// cgroup (its pod, on a Kubernetes node), so every process of one CI job
-/// reaches the same instance; in connection scope every connection is new.
+/// Who the peer is (see [`peer`]). In client scope the key is the peer's
+/// uid, gid and cgroup (its container, on a Kubernetes node), or its mount
+/// namespace when its pid is hidden, so every process of one CI job reaches
+/// the same instance; a peer that cannot be told apart from others, and
+/// every connection in connection scope, is a client of its own.
 fn identify(ctx: &Ctx, stream: &UnixStream) -> Client {
     let seq = CONN_SEQ.fetch_add(1, Ordering::Relaxed);
-    let cred = stream.peer_cred().ok();
-    let (uid, gid, pid) = cred.map(|c| (c.uid(), c.gid(), c.pid())).unwrap_or((u32::MAX, u32::MAX, None));
-    // The peer may have exited already; then only its uid/gid identify it.
-    let cgroup = pid
-        .and_then(|p| std::fs::read_to_string(ctx.run.host.proc_root.join(p.to_string()).join("cgroup")).ok())
-        .unwrap_or_default();
-    let entries = berth_shim::cgroup::parse_proc(&cgroup);
-    let shown = entries
-        .iter()
-        .find(|e| e.hierarchy == "0" && e.has(""))
-        .or_else(|| entries.iter().find(|e| e.has("memory")))
-        .map_or("?", |e| e.path.as_str());
-    let display = format!("uid={uid} pid={} cgroup={shown}", pid.map(|p| p.to_string()).unwrap_or("?".into()));
-    let key = match ctx.run.scope {
-        Scope::Client => format!("uid={uid} gid={gid} cgroup={}", cgroup.trim()),
-        Scope::Connection => format!("conn={seq}"),
+    let peer = peer::identify(stream, &ctx.run.host.proc_root);
+    let key = match (ctx.run.scope, peer.key()) {
+        (Scope::Client, Some(key)) => key,
+        _ => peer::connection_key(seq),
     };
-    Client { key, display }
+    Client { key, display: peer.display() }
 }

@@ -13,6 +13,8 @@ pub(crate) struct Proc {
 /// mounts and cgroups of its test parent.
 pub struct Agent {
     pub(crate) exe: PathBuf,
+    /// A command the agent runs under (see [`AgentBuilder::wrapper`]).
+    pub(crate) wrapper: Vec<OsString>,
     pub(crate) args: Vec<OsString>,
     pub(crate) env: Vec<(OsString, OsString)>,
     pub(crate) dir: PathBuf,
@@ -40,6 +42,7 @@ impl Agent {
             shim: None,
             idmap: None,
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            wrapper: Vec::new(),
         }
     }
 
@@ -52,7 +55,15 @@ impl Agent {
     pub(crate) fn command(&self) -> Command {
         // The HTTP endpoint (default 0.0.0.0:9411, which parallel agents
         // would fight over) takes an ephemeral loopback port; see `http_addr`.
-        let mut cmd = agent_command(&self.exe, &self.args);
+        let mut cmd = match self.wrapper.split_first() {
+            Some((prog, rest)) => {
+                let mut argv = rest.to_vec();
+                argv.push(self.exe.clone().into());
+                argv.extend(self.args.iter().cloned());
+                agent_command(Path::new(prog), &argv)
+            }
+            None => agent_command(&self.exe, &self.args),
+        };
         cmd.env("BERTH_HTTP_ADDR", "127.0.0.1:0").envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
@@ -104,8 +115,19 @@ impl Agent {
         p.status.is_none().then(|| p.child.id())
     }
 
+    /// The agent process itself: the wrapper's child when it has one.
+    pub fn agent_pid(&self) -> Option<u32> {
+        let pid = self.pid()?;
+        if self.wrapper.is_empty() {
+            return Some(pid);
+        }
+        // A wrapper that execs the agent (no fork) is the agent itself.
+        let children = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        children.split_whitespace().next().and_then(|c| c.parse().ok()).or(Some(pid))
+    }
+
     pub(crate) fn signal(&self, sig: nix::sys::signal::Signal) {
-        if let Some(pid) = self.pid() {
+        if let Some(pid) = self.agent_pid() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
         }
     }

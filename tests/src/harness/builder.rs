@@ -73,6 +73,7 @@ pub struct AgentBuilder {
     pub(crate) idmap: Option<(u32, u32)>,
     pub(crate) cgroup_root: PathBuf,
     pub(crate) dir_args: Vec<(String, String)>,
+    pub(crate) wrapper: Vec<OsString>,
 }
 
 impl AgentBuilder {
@@ -168,6 +169,7 @@ impl AgentBuilder {
 
         let agent = Agent {
             exe: bin_path("berth-agent"),
+            wrapper: self.wrapper,
             args,
             env: self.env,
             dir,
@@ -183,6 +185,19 @@ impl AgentBuilder {
         };
         agent.spawn_process();
         agent
+    }
+
+    /// Runs the agent under a wrapper command, e.g. `unshare --pid --fork
+    /// --kill-child --mount-proc` (a pid namespace of its own). A wrapper
+    /// that forks must end the agent when it is killed (`--kill-child`);
+    /// signals go to the wrapper's child, the agent itself.
+    pub fn wrapper<I, S>(mut self, argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.wrapper = argv.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        self
     }
 
     /// Starts the agent and waits (up to 20 s) until its socket accepts
