@@ -8,8 +8,10 @@
 
 use crate::config::CheckArgs;
 use crate::idmap::IdPool;
-use crate::run::{find_shim, which};
+use crate::run::find_shim;
+use crate::spawn::tools::{self, ToolsError};
 use berth_shim::cgroup::{delegate, CgroupError};
+use std::ffi::OsStr;
 use std::fmt;
 use std::path::Path;
 use std::process::Command;
@@ -73,14 +75,15 @@ pub fn main(args: &CheckArgs) -> i32 {
 pub fn run_checks(args: &CheckArgs) -> Vec<Item> {
     let h = &args.host;
     let real_proc = h.proc_root == Path::new("/proc");
+    let agent_path = std::env::var_os("PATH");
     vec![
         userns(&h.proc_root, real_proc, h.shim.as_deref()),
         overlay(&h.state_dir, real_proc, h.shim.as_deref()),
         proc_unmasked(&h.proc_root),
         idmap(args),
         cgroups(args),
-        daemon(&h.daemon),
-        runc(&h.daemon, &std::env::var("PATH").unwrap_or_default()),
+        daemon(&h.daemon, agent_path.as_deref()),
+        runc(&h.daemon, agent_path.as_deref()),
         state_dir(&h.state_dir),
     ]
 }
@@ -249,14 +252,19 @@ fn cgroups(args: &CheckArgs) -> Item {
     }
 }
 
-fn daemon(daemon: &Path) -> Item {
+fn daemon(daemon: &Path, agent_path: Option<&OsStr>) -> Item {
     const N: &str = "daemon";
-    let Some(path) = which(daemon) else {
-        return fail(
-            N,
-            format!("{} not found on PATH", daemon.display()),
-            "install buildkitd (the berth image ships it) or pass --daemon /path/to/buildkitd",
-        );
+    // The lookup and reachability test `run` makes (spawn::tools).
+    let path = match tools::find_daemon(daemon, agent_path) {
+        Ok(p) => p,
+        Err(e @ ToolsError::NoDaemon(_)) => {
+            return fail(
+                N,
+                e.to_string(),
+                "install buildkitd (the berth image ships it) or pass --daemon /path/to/buildkitd",
+            )
+        }
+        Err(e) => return fail(N, e.to_string(), REACH_FIX),
     };
     match Command::new(&path).arg("--version").output() {
         Ok(o) if o.status.success() => {
@@ -268,25 +276,37 @@ fn daemon(daemon: &Path) -> Item {
     }
 }
 
-/// buildkitd runs build steps with runc; Debian's crun rejects `run --keep`.
-fn runc(daemon: &Path, path_var: &str) -> Item {
+const REACH_FIX: &str =
+    "install it where every user can search each directory on the way (such as /usr/local/bin), or chmod o+x those directories";
+
+/// runc as the daemon will find it: on the PATH spawn gives the daemon, out
+/// of the mapped ids' reach counted as missing. buildkitd runs build steps
+/// with runc; Debian's crun rejects `run --keep`.
+fn runc(daemon: &Path, agent_path: Option<&OsStr>) -> Item {
     const N: &str = "runc";
-    let is_buildkit = daemon.file_name().is_some_and(|n| n.to_string_lossy().contains("buildkitd"));
-    for name in ["buildkit-runc", "runc"] {
-        if let Some(p) = std::env::split_paths(path_var).map(|d| d.join(name)).find(|c| c.is_file()) {
+    let resolved = tools::find_daemon(daemon, agent_path).unwrap_or_default();
+    let path = tools::daemon_path(&resolved, agent_path);
+    let needed = tools::needs_runc(daemon) || tools::needs_runc(&resolved);
+    let missing = |detail: String, fix: &str| {
+        if needed {
+            fail(N, detail, fix)
+        } else {
+            warn(N, format!("{detail} (not needed by {})", daemon.display()), fix)
+        }
+    };
+    match tools::find_runc(&path) {
+        Ok(Some(p)) => {
             let v = Command::new(&p).arg("--version").output().ok();
             let first = v
                 .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
                 .unwrap_or_default();
-            return ok(N, format!("{}: {first}", p.display()));
+            ok(N, format!("{}: {first} (the daemon's PATH: {path})", p.display()))
         }
-    }
-    let detail = "neither buildkit-runc nor runc is on PATH";
-    let fix = "install runc >= 1.1 (crun is not accepted by buildkit: it rejects `run --keep`)";
-    if is_buildkit {
-        fail(N, detail, fix)
-    } else {
-        warn(N, format!("{detail} (not needed by {})", daemon.display()), fix)
+        Ok(None) => missing(
+            ToolsError::NoRunc { path }.to_string(),
+            "install runc >= 1.1 (crun is not accepted by buildkit: it rejects `run --keep`)",
+        ),
+        Err(e) => missing(e.to_string(), REACH_FIX),
     }
 }
 

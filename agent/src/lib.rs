@@ -68,6 +68,8 @@ pub struct Ctx {
     pub shim: PathBuf,
     /// The daemon binary, resolved against PATH.
     pub daemon: PathBuf,
+    /// The daemon's PATH, on which runc was found (`spawn::tools`).
+    pub daemon_path: String,
     /// Who has which instance, the warm pool and the failure cache.
     pub registry: Registry,
     /// An instance was wiped: the warm pool may refill (see warm.rs).

@@ -14,8 +14,8 @@ use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("daemon {0:?} not found (or not a file): install buildkitd (moby/buildkit, rootless build) or pass --daemon /path/to/buildkitd; to try berth without it, use --daemon target/debug/fakekitd (see README)")]
-    NoDaemon(PathBuf),
+    #[error(transparent)]
+    Tools(#[from] crate::spawn::tools::ToolsError),
     #[error("berth-shim not found beside {0} nor on PATH; pass --shim /path/to/berth-shim")]
     NoShim(PathBuf),
     #[error("state dir: {0}")]
@@ -76,10 +76,9 @@ fn prepare_state(state: &Path) -> Result<(), RunError> {
 }
 
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
-    // Absolute: the shim execs it from inside the instance's root dir.
-    let daemon = which(&args.host.daemon)
-        .and_then(|p| std::fs::canonicalize(p).ok())
-        .ok_or_else(|| RunError::NoDaemon(args.host.daemon.clone()))?;
+    // The daemon, absolute (the shim execs it from inside the instance's
+    // dir), runc and the daemon's PATH: found as `check` finds them.
+    let tools = crate::spawn::tools::resolve(&args.host.daemon, std::env::var_os("PATH").as_deref())?;
     let shim = find_shim(args.host.shim.as_deref())?;
     crate::register::validate(&args)?;
     prepare_state(&args.host.state_dir)?;
@@ -98,7 +97,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     .map_err(RunError::Idmap)?;
     info!(
         version = env!("CARGO_PKG_VERSION"),
-        daemon = %daemon.display(),
+        daemon = %tools.daemon.display(),
+        runc = %tools.runc.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()),
+        daemon_path = %tools.path,
         shim = %shim.display(),
         cgroup = ?layout.version,
         id_ranges = pool.capacity(),
@@ -134,7 +135,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         layout,
         pool,
         shim,
-        daemon,
+        daemon: tools.daemon,
+        daemon_path: tools.path,
         registry: crate::registry::Registry::new(args.start_failure_backoff),
         warm_wanted: tokio::sync::Notify::new(),
         draining: watch::Sender::new(false),

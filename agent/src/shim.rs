@@ -30,13 +30,16 @@ pub struct Shim {
 }
 
 impl Shim {
-    pub fn new(mut child: Child, id: String, dir: PathBuf) -> Shim {
+    pub fn new(mut child: Child, id: String, dir: PathBuf, tasks: &tokio_util::task::TaskTracker) -> Shim {
         let lifeline = child.stdin.take();
         let stdout = child.stdout.take();
         let pid = child.id();
         let (tx, rx) = oneshot::channel();
         let tag = id.clone();
-        tokio::spawn(async move {
+        // Tracked, so the agent exits only after its shims have: an agent
+        // that is pid 1 of its pid namespace (a pod without hostPID) would
+        // otherwise take shims still emptying the trash down with it.
+        tasks.spawn(async move {
             // The outcome is handed on as soon as its line arrives: the shim
             // then still empties the instance's trash entry before it exits,
             // and the slot need not wait for that.

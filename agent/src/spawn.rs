@@ -14,6 +14,7 @@
 //! into the shim's wipe.
 
 pub mod buildkitd;
+pub mod tools;
 
 use crate::error::{AdmitError, SpawnError};
 use crate::instance::Instance;
@@ -57,7 +58,7 @@ async fn start_shim(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, SpawnE
         .stderr(Stdio::inherit())
         .spawn();
     match child {
-        Ok(child) => Ok(Shim::new(child, inst.id.clone(), dir.clone())),
+        Ok(child) => Ok(Shim::new(child, inst.id.clone(), dir.clone(), &ctx.tasks)),
         Err(source) => {
             release(&spec);
             Err(SpawnError::Exec { path: ctx.shim.clone(), source })
@@ -82,7 +83,7 @@ fn prepare(ctx: &Ctx, inst: &Instance) -> Result<Spec, SpawnError> {
         ids,
         daemon: ctx.daemon.clone(),
         args: daemon_args(ctx, dir, &inst.socket(), &dir.join(spec::ROOT_DIR)),
-        env: daemon_env(&inst.id, dir),
+        env: daemon_env(&inst.id, dir, &ctx.daemon_path),
         cgroup,
         stop_grace_ms: ctx.run.stop_grace.as_millis() as u64,
         lease: lease.clone(),
@@ -131,12 +132,13 @@ fn daemon_args(ctx: &Ctx, dir: &Path, socket: &Path, root: &Path) -> Vec<String>
     args
 }
 
-/// The daemon's whole environment: nothing of the agent's leaks in, and every
+/// The daemon's whole environment: nothing of the agent's leaks in but the
+/// PATH that `tools` built (the one runc was looked up on), and every
 /// runtime path is the instance's own (buildkitd and runc otherwise share
 /// host-wide paths such as /run/runc between instances).
-fn daemon_env(id: &str, dir: &Path) -> Vec<(String, String)> {
+fn daemon_env(id: &str, dir: &Path, path: &str) -> Vec<(String, String)> {
     vec![
-        ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        ("PATH".into(), path.into()),
         ("HOME".into(), dir.join(spec::HOME_DIR).display().to_string()),
         ("XDG_RUNTIME_DIR".into(), dir.join(spec::RUN_DIR).display().to_string()),
         ("USER".into(), "berth".into()),

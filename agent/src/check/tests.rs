@@ -119,15 +119,45 @@ fn missing_daemon_fails_and_present_one_reports_its_version() {
 #[test]
 fn runc_is_required_for_buildkitd_only() {
     let t = tempfile::tempdir().unwrap();
-    let empty = t.path().display().to_string();
-    assert_eq!(runc(Path::new("buildkitd"), &empty).level, Level::Fail);
-    assert_eq!(runc(Path::new("fakekitd"), &empty).level, Level::Warn);
+    fs::set_permissions(t.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = t.path().as_os_str();
+    if tools::find_runc(&tools::daemon_path(Path::new(""), Some(dir))).unwrap().is_none() {
+        assert_eq!(runc(Path::new("buildkitd"), Some(dir)).level, Level::Fail);
+        assert_eq!(runc(Path::new("fakekitd"), Some(dir)).level, Level::Warn);
+    } else {
+        eprintln!(
+            "SKIPPED: the no-runc half of runc_is_required_for_buildkitd_only: a runc is installed in a system dir"
+        );
+    }
     let fake = t.path().join("runc");
     fs::write(&fake, "#!/bin/sh\necho 'runc version 1.1.5'\n").unwrap();
     fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
-    let i = runc(Path::new("buildkitd"), &empty);
+    let i = runc(Path::new("buildkitd"), Some(dir));
     assert_eq!(i.level, Level::Ok, "{i}");
-    assert!(i.detail.contains("1.1.5"));
+    assert!(i.detail.contains("1.1.5") && i.detail.contains(&fake.display().to_string()), "{i}");
+}
+
+#[test]
+fn runc_or_daemon_out_of_the_mapped_ids_reach_fails() {
+    let t = tempfile::tempdir().unwrap();
+    fs::set_permissions(t.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let home = t.path().join("home");
+    fs::create_dir_all(home.join("bin")).unwrap();
+    for name in ["runc", "fakekitd"] {
+        let f = home.join("bin").join(name);
+        fs::write(&f, "#!/bin/sh\necho 'x 1.1.5'\n").unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    fs::set_permissions(&home, fs::Permissions::from_mode(0o700)).unwrap();
+    let bin = home.join("bin");
+    let i = runc(Path::new("buildkitd"), Some(bin.as_os_str()));
+    assert_eq!(i.level, Level::Fail, "{i}");
+    assert!(i.detail.contains(&format!("{} has mode 700", home.display())), "{i}");
+    let h = Host::new();
+    let d = bin.join("fakekitd").display().to_string();
+    let i = h.item("daemon", &["--daemon", &d]);
+    assert_eq!(i.level, Level::Fail, "{i}");
+    assert!(i.detail.contains("EACCES") && i.detail.contains("mode 700"), "{i}");
 }
 
 #[test]

@@ -145,6 +145,7 @@ async fn call(cmd: Cmd, ch: Channel) -> Result<Value, Failure> {
                 "home": r.home, "xdg_runtime_dir": r.xdg_runtime_dir, "user": r.user,
                 "token": r.token, "args": r.args, "cgroup": r.cgroup, "addrs": r.addrs,
                 "children": r.children, "held_bytes": r.held_bytes,
+                "path": r.path, "runc": r.runc,
             })
         }
         Cmd::Health => {

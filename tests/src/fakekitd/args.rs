@@ -22,6 +22,9 @@ pub struct Args {
     pub no_health: bool,
     /// `--socket-early`: bind the socket before the start delay.
     pub socket_early: bool,
+    /// `--require-runc`: as buildkitd, look up buildkit-runc then runc on
+    /// PATH, run it, and fail with "failed to find runc binary" without one.
+    pub require_runc: bool,
     /// Tokens that were not understood and skipped.
     pub ignored: Vec<String>,
 }
@@ -34,7 +37,7 @@ enum Kind {
 fn kind_of(name: &str) -> Option<Kind> {
     Some(match name {
         "addr" | "root" | "fail-start" | "start-delay" => Kind::Value,
-        "version" | "no-health" | "socket-early" => Kind::Bool,
+        "version" | "no-health" | "socket-early" | "require-runc" => Kind::Bool,
         _ => return None,
     })
 }
@@ -99,6 +102,7 @@ where
                     "version" => out.version = v,
                     "no-health" => out.no_health = v,
                     "socket-early" => out.socket_early = v,
+                    "require-runc" => out.require_runc = v,
                     _ => unreachable!(),
                 }
             }

@@ -77,6 +77,25 @@ fn default_addr() -> String {
     }
 }
 
+/// buildkitd's runc lookup: `buildkit-runc`, then `runc`, on PATH, taking
+/// only what this process may execute; the one found is run once, so a
+/// binary out of the daemon's reach fails here as it would for a build.
+fn find_runc() -> Result<PathBuf, String> {
+    use nix::unistd::{access, AccessFlags};
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = ["buildkit-runc", "runc"].iter().find_map(|name| {
+        std::env::split_paths(&path).map(|d| d.join(name)).find(|c| c.is_file() && access(c, AccessFlags::X_OK).is_ok())
+    });
+    let Some(runc) = found else {
+        return Err(format!("fakekitd: failed to find runc binary (PATH={})", path.to_string_lossy()));
+    };
+    match std::process::Command::new(&runc).arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(runc),
+        Ok(o) => Err(format!("fakekitd: {} --version: {}", runc.display(), o.status)),
+        Err(e) => Err(format!("fakekitd: {}: {e}", runc.display())),
+    }
+}
+
 /// Binds a unix listener at `path`, replacing a stale socket file (not any
 /// other kind of file) and creating the parent dir.
 fn bind(path: &Path) -> io::Result<UnixListener> {
@@ -116,7 +135,17 @@ async fn run(args: args::Args, argv: Vec<String>) -> i32 {
     let exe = std::env::current_exe()
         .or_else(|_| std::fs::read_link("/proc/self/exe"))
         .unwrap_or_else(|_| PathBuf::from(std::env::args().next().unwrap_or_default()));
-    let state = Arc::new(State::new(root.clone(), addrs.clone(), argv, berth_shim::host::random_hex(12), exe));
+    let mut state = State::new(root.clone(), addrs.clone(), argv, berth_shim::host::random_hex(12), exe);
+    if args.require_runc {
+        match find_runc() {
+            Ok(p) => state.runc = p.display().to_string(),
+            Err(e) => {
+                eprintln!("{e}");
+                return 1;
+            }
+        }
+    }
+    let state = Arc::new(state);
 
     let serve = async {
         let mut listeners = Vec::new();

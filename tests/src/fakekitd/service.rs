@@ -35,6 +35,8 @@ pub struct State {
     pub addrs: Vec<String>,
     pub args: Vec<String>,
     pub token: String,
+    /// The runc found with `--require-runc` (empty without).
+    pub runc: String,
     /// Path to re-exec for Fork children.
     pub exe: PathBuf,
     pub children: Mutex<Vec<Child>>,
@@ -50,6 +52,7 @@ impl State {
             addrs,
             args,
             token,
+            runc: String::new(),
             exe,
             children: Mutex::new(Vec::new()),
             held: Mutex::new(Vec::new()),
@@ -175,6 +178,8 @@ impl Fake for FakeService {
             addrs: s.addrs.clone(),
             children: s.children.lock().unwrap().len() as u32,
             held_bytes: s.held_bytes.load(Ordering::SeqCst),
+            path: env("PATH"),
+            runc: s.runc.clone(),
         }))
     }
 
