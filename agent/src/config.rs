@@ -4,11 +4,13 @@
 //! Precedence: command line, then the config file, then the environment,
 //! then defaults. Every bad value exits with a message that names the flag.
 
+pub mod file;
 pub mod quantity;
 pub mod resource;
 
+pub use file::expand_config;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -318,59 +320,10 @@ fn parse_mode(s: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("{s:?} is not an octal file mode like 0660"))
 }
 
-/// Turns the config file, if any, into flags placed right after the
-/// subcommand, so that flags on the command line (later) override it.
-pub fn expand_config(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
-    let mut path: Option<PathBuf> = std::env::var_os("BERTH_CONFIG").map(PathBuf::from);
-    for (i, a) in argv.iter().enumerate() {
-        let a = a.to_string_lossy();
-        if a == "--config" {
-            path = argv.get(i + 1).map(PathBuf::from);
-        } else if let Some(p) = a.strip_prefix("--config=") {
-            path = Some(PathBuf::from(p));
-        }
-    }
-    let Some(path) = path else { return Ok(argv) };
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("config file {}: {e}", path.display()))?;
-    let table: toml::Table = toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
-    let mut flags = Vec::new();
-    for (key, value) in table {
-        let values = match value {
-            toml::Value::Array(items) => items,
-            other => vec![other],
-        };
-        for v in values {
-            let rendered = match v {
-                toml::Value::String(s) => s,
-                toml::Value::Integer(i) => i.to_string(),
-                toml::Value::Float(f) => f.to_string(),
-                toml::Value::Boolean(true) => {
-                    flags.push(OsString::from(format!("--{key}")));
-                    continue;
-                }
-                toml::Value::Boolean(false) => "false".to_string(),
-                other => return Err(format!("config file {}: key {key:?}: unsupported value {other}", path.display())),
-            };
-            flags.push(OsString::from(format!("--{key}={rendered}")));
-        }
-    }
-    // Insert after the first non-flag argument (the subcommand).
-    let at = argv
-        .iter()
-        .enumerate()
-        .skip(1)
-        .find(|(_, a)| !a.to_string_lossy().starts_with('-'))
-        .map(|(i, _)| i + 1)
-        .unwrap_or(argv.len());
-    let mut out = argv[..at].to_vec();
-    out.extend(flags);
-    out.extend_from_slice(&argv[at..]);
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::OsString;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(args.iter().map(OsString::from))

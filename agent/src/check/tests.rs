@@ -151,8 +151,15 @@ fn runc_or_daemon_out_of_the_mapped_ids_reach_fails() {
     fs::set_permissions(&home, fs::Permissions::from_mode(0o700)).unwrap();
     let bin = home.join("bin");
     let i = runc(Path::new("buildkitd"), Some(bin.as_os_str()));
-    assert_eq!(i.level, Level::Fail, "{i}");
-    assert!(i.detail.contains(&format!("{} has mode 700", home.display())), "{i}");
+    if tools::find_runc(&tools::daemon_path(Path::new(""), None)).unwrap().is_none() {
+        assert_eq!(i.level, Level::Fail, "{i}");
+        assert!(i.detail.contains(&format!("{} has mode 700", home.display())), "{i}");
+    } else {
+        // The daemon skips the copy it cannot reach and takes the system's,
+        // as buildkitd's LookPath does (tests/daemon_path.rs hides it).
+        assert_eq!(i.level, Level::Ok, "{i}");
+        assert!(!i.detail.starts_with(&home.display().to_string()), "{i}");
+    }
     let h = Host::new();
     let d = bin.join("fakekitd").display().to_string();
     let i = h.item("daemon", &["--daemon", &d]);
