@@ -31,13 +31,17 @@ fn daemonset_runs_on_amd64_and_arm64_with_surge_rollout() {
         assert_eq!(agent["securityContext"]["privileged"], true, "{label}");
         let names: Vec<&str> = containers(spec).iter().filter_map(|c| c["name"].as_str()).collect();
         assert_eq!(names, ["berth-agent"], "{label}: no registrar sidecar");
-        assert!(spec["hostNetwork"].is_null() && spec["hostPID"].is_null(), "{label}: no host namespaces");
+        assert!(spec["hostNetwork"].is_null() && spec["hostIPC"].is_null(), "{label}: no host network or IPC");
 
         let env = arr(&agent["env"]);
         let node = env.iter().find(|e| e["name"] == "NODE_NAME").expect("NODE_NAME");
         assert_eq!(node["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName", "{label}");
     }
     let d = default_render();
+    // hostPID by default: the node socket names clients by their cgroup,
+    // which needs their pids (issue 17); a CSI-only install may turn it off.
+    assert_eq!(d.pod_spec()["hostPID"], true);
+    assert!(custom_render().pod_spec()["hostPID"].is_null(), "hostPID: false renders no field");
     assert_eq!(d.pod_spec()["priorityClassName"], "system-node-critical");
     assert!(d.pod_spec()["tolerations"].is_null() && d.pod_spec()["nodeSelector"].is_null());
     let c = custom_render();
