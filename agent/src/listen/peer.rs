@@ -196,7 +196,7 @@ fn warn_once(why: Unknown) {
     warn!(
         reason = why.text(),
         "node socket: a client cannot be told apart from others (it is outside the agent's pid namespace), \
-         so each of its connections gets an instance of its own; buildx needs its connections to share one. \
+         so each of its connections gets an instance of its own (no cache shared between them, bake targets on separate daemons). \
          Fix: run the agent with hostPID: true (the chart does), or give CI pods the CSI volume \
          (csi: {{driver: berth.dev}}), whose per-pod socket needs no identification. Logged once."
     );
