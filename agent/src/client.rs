@@ -15,4 +15,15 @@ impl Client {
     pub fn new(key: impl Into<String>, display: impl Into<String>) -> Client {
         Client { key: key.into(), display: display.into() }
     }
+
+    /// The client that is one connection (connection scope, or a node-socket
+    /// peer the agent cannot tell apart from others): never shared, and its
+    /// instance ends when that connection closes.
+    pub fn of_connection(seq: u64, display: impl Into<String>) -> Client {
+        Client::new(format!("conn={seq}"), display)
+    }
+
+    pub fn is_one_connection(&self) -> bool {
+        self.key.starts_with("conn=")
+    }
 }

@@ -92,7 +92,7 @@ async fn run_life(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> EndReason {
     // A client of one connection (connection scope, or a peer the agent
     // cannot tell apart from others) ends with its connection.
     let scope_idle = match ctx.run.scope {
-        Scope::Client if !crate::listen::peer::is_connection_key(&inst.client().key) => ctx.run.idle_timeout,
+        Scope::Client if !inst.client().is_one_connection() => ctx.run.idle_timeout,
         _ => Duration::ZERO,
     };
     tokio::spawn(reap::watch_limits(ctx.clone(), inst.clone()));

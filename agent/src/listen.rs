@@ -163,9 +163,8 @@ async fn handle(ctx: Arc<Ctx>, stream: UnixStream, source: Source) {
 fn identify(ctx: &Ctx, stream: &UnixStream) -> Client {
     let seq = CONN_SEQ.fetch_add(1, Ordering::Relaxed);
     let peer = peer::identify(stream, &ctx.run.host.proc_root);
-    let key = match (ctx.run.scope, peer.key()) {
-        (Scope::Client, Some(key)) => key,
-        _ => peer::connection_key(seq),
-    };
-    Client { key, display: peer.display() }
+    match (ctx.run.scope, peer.key()) {
+        (Scope::Client, Some(key)) => Client::new(key, peer.display()),
+        _ => Client::of_connection(seq, peer.display()),
+    }
 }

@@ -96,16 +96,6 @@ impl Peer {
     }
 }
 
-/// The key of a client that is one connection: never shared, and its
-/// instance ends when that connection closes.
-pub fn connection_key(seq: u64) -> String {
-    format!("conn={seq}")
-}
-
-pub fn is_connection_key(key: &str) -> bool {
-    key.starts_with("conn=")
-}
-
 /// The cgroup v2 path, else the v1 memory controller's: the container.
 fn shown_cgroup(cgroup: &str) -> String {
     let entries = berth_shim::cgroup::parse_proc(cgroup);
