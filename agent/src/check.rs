@@ -83,6 +83,7 @@ pub fn run_checks(args: &CheckArgs) -> Vec<Item> {
         daemon(&h.daemon),
         runc(&h.daemon, &std::env::var("PATH").unwrap_or_default()),
         state_dir(&h.state_dir),
+        disk::check(&h.state_dir, args.limits.build_disk, real_proc, h.shim.as_deref()),
     ]
 }
 
@@ -321,5 +322,6 @@ fn state_dir(state: &Path) -> Item {
     }
 }
 
+mod disk;
 #[cfg(test)]
 mod tests;
