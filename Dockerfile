@@ -57,7 +57,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,id=berth-cargo-registry 
     cp "target/$triple/release/berth-agent" "target/$triple/release/berth-shim" /out/
 
 # The runtime: glibc (agent, shim), CA certificates (registry TLS of buildkitd),
-# git and ssh (git build contexts), pigz and xz (layer compression).
+# git and ssh (git build contexts), pigz and xz (layer compression), e2fsprogs
+# (mkfs.ext4: each build's disk is an ext4 image on a loop device).
 FROM debian:${DEBIAN_RELEASE}-slim
 ARG DEBIAN_RELEASE
 ARG VERSION=0.1.0
@@ -65,7 +66,7 @@ ARG REVISION=unknown
 ARG BUILDKIT_VERSION
 RUN set -eux; \
     apt-get update; \
-    apt-get install -y --no-install-recommends ca-certificates git openssh-client pigz xz-utils; \
+    apt-get install -y --no-install-recommends ca-certificates e2fsprogs git openssh-client pigz xz-utils; \
     rm -rf /var/lib/apt/lists/*
 COPY --link --from=buildkit /usr/bin/buildkitd /usr/bin/buildctl /usr/bin/buildkit-runc /usr/bin/
 COPY --link --from=build /out/berth-agent /out/berth-shim /usr/local/bin/

@@ -38,6 +38,8 @@ pub async fn admit(ctx: &Arc<Ctx>, client: &Client, stream: &UnixStream) -> Resu
             if let Some(e) = ctx.registry.recent_failure(client) {
                 return Err(e);
             }
+            // Disk hook: no new instance while the state dir's disk is low.
+            crate::disk::admit(ctx)?;
             let permit = wait_slot(ctx, stream).await?;
             attach(ctx, client, Some(permit))?.expect("attach with a permit always yields an instance")
         }

@@ -8,11 +8,14 @@ use crate::config::{CapacityArgs, LimitArgs, MaxBuilds, OutputFormat};
 use serde::Serialize;
 use std::path::Path;
 
-/// Memory and CPU of a node, as builds can use them.
+/// Memory, CPU and state dir disk of a node, as builds can use them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Shape {
     pub memory: u64,
     pub millicpus: u64,
+    /// Bytes of the state dir's filesystem; per build, the disk limit
+    /// (0: unlimited, which never binds).
+    pub disk: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -20,6 +23,7 @@ pub struct Shape {
 pub enum Binding {
     Memory,
     Cpu,
+    Disk,
     /// `--max-builds N` was given.
     Fixed,
 }
@@ -32,6 +36,8 @@ pub struct Plan {
     pub slots: u64,
     pub slots_by_memory: u64,
     pub slots_by_cpu: u64,
+    /// None when builds have no disk limit (`--build-disk 0`).
+    pub slots_by_disk: Option<u64>,
     pub binding: Binding,
     /// What is left after reserves and all slots (0 when overcommitted).
     pub headroom: Shape,
@@ -45,20 +51,36 @@ pub struct Plan {
 }
 
 /// The arithmetic: usable = node - reserve; slots = min over resources of
-/// usable / per build, rounded down, at least 1.
+/// usable / per build, rounded down, at least 1. Disk counts the limits as
+/// if every build filled its own (images are sparse, so a node holds more
+/// images than it has bytes; the limits are what must fit).
 pub fn plan(node: Shape, reserve: Shape, per_build: Shape, max: MaxBuilds, target: Option<u64>) -> Plan {
     let usable = Shape {
         memory: node.memory.saturating_sub(reserve.memory),
         millicpus: node.millicpus.saturating_sub(reserve.millicpus),
+        disk: node.disk.saturating_sub(reserve.disk),
     };
     let by_mem = usable.memory / per_build.memory.max(1);
     let by_cpu = usable.millicpus / per_build.millicpus.max(1);
+    let by_disk = (per_build.disk > 0).then(|| usable.disk / per_build.disk);
     let (slots, binding) = match max {
         MaxBuilds::Fixed(n) => (n.max(1), Binding::Fixed),
-        MaxBuilds::Auto if by_mem <= by_cpu => (by_mem.max(1), Binding::Memory),
-        MaxBuilds::Auto => (by_cpu.max(1), Binding::Cpu),
+        MaxBuilds::Auto => {
+            let mut best = (by_mem, Binding::Memory);
+            if by_cpu < best.0 {
+                best = (by_cpu, Binding::Cpu);
+            }
+            if let Some(d) = by_disk.filter(|d| *d < best.0) {
+                best = (d, Binding::Disk);
+            }
+            (best.0.max(1), best.1)
+        }
     };
-    let used = Shape { memory: slots * per_build.memory, millicpus: slots * per_build.millicpus };
+    let used = Shape {
+        memory: slots * per_build.memory,
+        millicpus: slots * per_build.millicpus,
+        disk: slots.saturating_mul(per_build.disk),
+    };
     Plan {
         node,
         reserve,
@@ -66,12 +88,14 @@ pub fn plan(node: Shape, reserve: Shape, per_build: Shape, max: MaxBuilds, targe
         slots,
         slots_by_memory: by_mem,
         slots_by_cpu: by_cpu,
+        slots_by_disk: by_disk,
         binding,
         headroom: Shape {
             memory: usable.memory.saturating_sub(used.memory),
             millicpus: usable.millicpus.saturating_sub(used.millicpus),
+            disk: usable.disk.saturating_sub(used.disk),
         },
-        overcommitted: used.memory > usable.memory || used.millicpus > usable.millicpus,
+        overcommitted: used.memory > usable.memory || used.millicpus > usable.millicpus || used.disk > usable.disk,
         target_concurrency: target,
         nodes: target.map(|k| k.div_ceil(slots)),
     }
@@ -98,7 +122,7 @@ pub fn this_node(cgroup_root: &Path, proc_root: &Path) -> Shape {
             millicpus = c;
         }
     }
-    Shape { memory, millicpus }
+    Shape { memory, millicpus, disk: 0 }
 }
 
 /// The memory and CPU limits of the agent's own cgroup, v1 or v2, read by
@@ -107,19 +131,23 @@ fn own_cgroup_limits(root: &Path, proc_root: &Path) -> Option<berth_shim::cgroup
     berth_shim::cgroup::ceiling_of(root, proc_root, "self").ok()
 }
 
-/// The plan `run` uses, from its flags and this node.
-pub fn for_run(limits: &LimitArgs, cap: &CapacityArgs, cgroup_root: &Path, proc_root: &Path) -> Plan {
-    let node = this_node(cgroup_root, proc_root);
-    plan(node, reserve_of(cap), per_build(limits), cap.max_builds, None)
+/// The plan `run` uses, from its flags and this node (disk: the state
+/// dir's filesystem).
+pub fn for_run(limits: &LimitArgs, cap: &CapacityArgs, host: &crate::config::HostArgs) -> Plan {
+    let mut node = this_node(&host.cgroup_root, &host.proc_root);
+    node.disk = crate::disk::state_fs(&host.state_dir).map(|f| f.size).unwrap_or(0);
+    plan(node, reserve_of(cap, node.disk), per_build(limits), cap.max_builds, None)
 }
 
-/// What the node keeps for itself (`--reserve-memory`, `--reserve-cpus`).
-pub fn reserve_of(cap: &CapacityArgs) -> Shape {
-    Shape { memory: cap.reserve_memory, millicpus: cap.reserve_cpus }
+/// What the node keeps for itself (`--reserve-memory`, `--reserve-cpus`,
+/// and `--reserve-disk` resolved against a state dir filesystem of `disk`
+/// bytes).
+pub fn reserve_of(cap: &CapacityArgs, disk: u64) -> Shape {
+    Shape { memory: cap.reserve_memory, millicpus: cap.reserve_cpus, disk: cap.reserve_disk.of(disk) }
 }
 
 pub fn per_build(limits: &LimitArgs) -> Shape {
-    Shape { memory: limits.build_memory, millicpus: limits.build_cpus }
+    Shape { memory: limits.build_memory, millicpus: limits.build_cpus, disk: limits.build_disk }
 }
 
 pub fn cpus(m: u64) -> String {
@@ -135,21 +163,29 @@ pub fn render(plan: &Plan, format: OutputFormat) -> String {
     if format == OutputFormat::Json {
         return serde_json::to_string_pretty(plan).expect("plan serializes");
     }
-    let s = |x: &Shape| format!("{} memory, {} CPU", format_bytes(x.memory), cpus(x.millicpus));
+    let s = |x: &Shape, limit: bool| {
+        let disk = match (x.disk, limit) {
+            (0, true) => "unlimited".to_string(),
+            (d, _) => format_bytes(d),
+        };
+        format!("{} memory, {} CPU, {disk} disk", format_bytes(x.memory), cpus(x.millicpus))
+    };
+    let by_disk = plan.slots_by_disk.map_or("any number (no disk limit)".to_string(), |d| d.to_string());
     let mut out = format!(
-        "node:      {}\nreserved:  {}\nper build: {}\nslots:     {} (memory allows {}, CPU allows {}; bound by {})\nheadroom:  {}\n",
-        s(&plan.node),
-        s(&plan.reserve),
-        s(&plan.per_build),
+        "node:      {}\nreserved:  {}\nper build: {}\nslots:     {} (memory allows {}, CPU allows {}, disk allows {by_disk}; bound by {})\nheadroom:  {}\n",
+        s(&plan.node, false),
+        s(&plan.reserve, false),
+        s(&plan.per_build, true),
         plan.slots,
         plan.slots_by_memory,
         plan.slots_by_cpu,
         match plan.binding {
             Binding::Memory => "memory",
             Binding::Cpu => "CPU",
+            Binding::Disk => "disk",
             Binding::Fixed => "--max-builds",
         },
-        s(&plan.headroom),
+        s(&plan.headroom, false),
     );
     if plan.overcommitted {
         out.push_str("warning:   the per-build limits do not fit this node; 1 slot is kept, overcommitted\n");
@@ -169,15 +205,14 @@ pub fn main(args: &crate::config::CapacityCmd) -> i32 {
         return crate::publish::cluster::main(args);
     }
     let here = this_node(&args.host.cgroup_root, &args.host.proc_root);
-    let node =
-        Shape { memory: args.node_memory.unwrap_or(here.memory), millicpus: args.node_cpus.unwrap_or(here.millicpus) };
-    let p = plan(
-        node,
-        reserve_of(&args.capacity),
-        per_build(&args.limits),
-        args.capacity.max_builds,
-        args.target_concurrency,
-    );
+    let disk = args.node_disk.or_else(|| crate::disk::state_fs(&args.host.state_dir).map(|f| f.size)).unwrap_or(0);
+    let node = Shape {
+        memory: args.node_memory.unwrap_or(here.memory),
+        millicpus: args.node_cpus.unwrap_or(here.millicpus),
+        disk,
+    };
+    let reserve = reserve_of(&args.capacity, node.disk);
+    let p = plan(node, reserve, per_build(&args.limits), args.capacity.max_builds, args.target_concurrency);
     print!("{}", render(&p, args.output));
     if args.output == OutputFormat::Json {
         println!();

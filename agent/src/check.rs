@@ -85,6 +85,7 @@ pub fn run_checks(args: &CheckArgs) -> Vec<Item> {
         daemon(&h.daemon, agent_path.as_deref()),
         runc(&h.daemon, agent_path.as_deref()),
         state_dir(&h.state_dir),
+        disk::check(&h.state_dir, args.limits.build_disk, real_proc, h.shim.as_deref()),
     ]
 }
 
@@ -338,5 +339,6 @@ fn state_dir(state: &Path) -> Item {
     }
 }
 
+mod disk;
 #[cfg(test)]
 mod tests;

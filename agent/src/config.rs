@@ -71,6 +71,12 @@ pub struct CapacityArgs {
     /// CPU kept back for the node itself.
     #[arg(long, env = "BERTH_RESERVE_CPUS", default_value = "500m", value_parser = quantity::parse_millicpus_or_zero)]
     pub reserve_cpus: u64,
+    /// Free space kept on the state dir's filesystem (a size, or a percent of
+    /// the filesystem): `auto` slots leave it out, and while free space is
+    /// below it new builds are refused. The default matches kubelet's
+    /// nodefs.available<10% eviction threshold.
+    #[arg(long, env = "BERTH_RESERVE_DISK", default_value = "10%", value_parser = quantity::parse_share)]
+    pub reserve_disk: quantity::Share,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -93,6 +99,9 @@ pub struct CapacityCmd {
     /// Plan for a node of this many CPUs instead of this node.
     #[arg(long, value_parser = quantity::parse_millicpus)]
     pub node_cpus: Option<u64>,
+    /// Plan for a state dir filesystem of this size instead of this node's.
+    #[arg(long, value_parser = quantity::parse_bytes)]
+    pub node_disk: Option<u64>,
     /// Concurrent builds the pool must carry: prints the nodes needed.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub target_concurrency: Option<u64>,
@@ -140,6 +149,14 @@ pub struct HostArgs {
     pub shim: Option<PathBuf>,
 }
 
+fn parse_build_disk(s: &str) -> Result<u64, String> {
+    match quantity::parse_bytes(s)? {
+        0 => Ok(0),
+        n if n < berth_shim::disk::MIN_SIZE => Err(format!("{s:?}: use 0 (unlimited) or at least 16Mi")),
+        n => Ok(n),
+    }
+}
+
 /// Per-build limits, shared by `run` and `capacity`.
 #[derive(Debug, Clone, Args)]
 pub struct LimitArgs {
@@ -149,8 +166,10 @@ pub struct LimitArgs {
     /// CPU limit of one build (2, 0.5 or 500m).
     #[arg(long, env = "BERTH_BUILD_CPUS", default_value = "1", value_parser = quantity::parse_millicpus)]
     pub build_cpus: u64,
-    /// Disk budget of one build: buildkit's gc keeps its cache under this.
-    #[arg(long, env = "BERTH_BUILD_DISK", default_value = "20Gi", value_parser = quantity::parse_bytes)]
+    /// Hard disk limit of one build (everything under its state dir: cache,
+    /// snapshots, RUN step writes); a write past it fails with ENOSPC. 0 means
+    /// unlimited and must be given explicitly on a node without loop devices.
+    #[arg(long, env = "BERTH_BUILD_DISK", default_value = "20Gi", value_parser = parse_build_disk)]
     pub build_disk: u64,
     /// Most processes and threads in one build.
     #[arg(long, env = "BERTH_BUILD_PIDS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(8..))]

@@ -26,6 +26,8 @@ pub enum SpawnError {
     Spec(#[source] berth_shim::spec::SpecError),
     #[error("creating the cgroup: {0}")]
     Cgroup(#[source] CgroupError),
+    #[error("making its disk: {0}")]
+    Disk(#[source] berth_shim::disk::DiskError),
     #[error("starting {path}: {source}")]
     Exec { path: PathBuf, source: std::io::Error },
     #[error("the prepare task failed: {0}")]

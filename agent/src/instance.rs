@@ -23,6 +23,8 @@ pub struct Instance {
     pub conns: watch::Sender<usize>,
     /// Set to end the instance now (its pod's volume was unpublished).
     pub stop: watch::Sender<bool>,
+    /// Disk hook: the instance filesystem's peak and fills, as sampled.
+    pub disk: berth_shim::disk::Seen,
 }
 
 impl Instance {
@@ -38,6 +40,7 @@ impl Instance {
             phase: watch::Sender::new(Phase::Starting),
             conns: watch::Sender::new(0),
             stop: watch::Sender::new(false),
+            disk: Default::default(),
         })
     }
 

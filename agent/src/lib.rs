@@ -22,6 +22,7 @@ pub mod check;
 pub mod client;
 pub mod config;
 pub mod csi;
+pub mod disk;
 pub mod error;
 pub mod hints;
 pub mod http;

@@ -96,6 +96,7 @@ async fn run_life(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> EndReason {
         _ => Duration::ZERO,
     };
     tokio::spawn(reap::watch_limits(ctx.clone(), inst.clone()));
+    tokio::spawn(crate::disk::watch(ctx.clone(), inst.clone()));
     let cause = reap::serve_until_end(ctx, inst, &mut shim, scope_idle).await;
     inst.set_phase(Phase::Ending { note: None });
     let outcome = shim.stop(ctx).await;

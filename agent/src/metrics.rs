@@ -29,10 +29,11 @@ pub struct Metrics {
     pub start_seconds: Histogram,
     pub build_seconds: Histogram,
     pub peak_memory_bytes: Histogram,
+    pub peak_disk_bytes: Histogram,
     pub ended: Family<ReasonLabel, Counter>,
     pub proxied_bytes: Family<DirectionLabel, Counter>,
     pub refused: Family<ReasonLabel, Counter>,
-    /// Limit hits inside running instances, by limit (memory, pids).
+    /// Limit hits inside running instances, by limit (memory, pids, disk).
     pub limit_hits: Family<ReasonLabel, Counter>,
     /// 1 while kubelet has acknowledged the CSI driver's registration.
     pub kubelet_registered: Gauge,
@@ -58,6 +59,8 @@ impl Metrics {
             build_seconds: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
             // 16 MiB .. 64 GiB
             peak_memory_bytes: Histogram::new(exponential_buckets(16.0 * 1024.0 * 1024.0, 2.0, 13)),
+            // 1 MiB .. 64 GiB
+            peak_disk_bytes: Histogram::new(exponential_buckets(1024.0 * 1024.0, 2.0, 17)),
             ended: Family::default(),
             proxied_bytes: Family::default(),
             refused: Family::default(),
@@ -80,12 +83,17 @@ impl Metrics {
             "Peak memory of an instance's cgroup",
             m.peak_memory_bytes.clone(),
         );
+        registry.register(
+            "instance_peak_disk_bytes",
+            "Peak usage of an instance's filesystem (statfs, sampled)",
+            m.peak_disk_bytes.clone(),
+        );
         registry.register("instances_ended", "Instances ended, by reason", m.ended.clone());
         registry.register("proxied_bytes", "Bytes proxied between clients and instances", m.proxied_bytes.clone());
         registry.register("connections_refused", "Connections refused, by reason", m.refused.clone());
         registry.register(
             "limit_hits",
-            "OOM kills and refused forks inside running instances, by limit",
+            "OOM kills, refused forks and full disks inside running instances, by limit",
             m.limit_hits.clone(),
         );
         registry.register(
@@ -93,7 +101,7 @@ impl Metrics {
             "1 while kubelet has acknowledged the CSI driver registration (--registration-dir)",
             m.kubelet_registered.clone(),
         );
-        for l in ["memory", "pids"] {
+        for l in ["memory", "pids", "disk"] {
             let _ = m.limit_hits.get_or_create(&ReasonLabel { reason: l.into() });
         }
         for r in EndReason::ALL {

@@ -56,6 +56,8 @@ pub enum EndReason {
     Closed,
     Unpublished,
     Oom,
+    /// The daemon died while its disk was full (see `disk`).
+    Disk,
     Pids,
     DaemonExit,
     Drain,
@@ -63,11 +65,12 @@ pub enum EndReason {
 }
 
 impl EndReason {
-    pub const ALL: [EndReason; 8] = [
+    pub const ALL: [EndReason; 9] = [
         EndReason::Idle,
         EndReason::Closed,
         EndReason::Unpublished,
         EndReason::Oom,
+        EndReason::Disk,
         EndReason::Pids,
         EndReason::DaemonExit,
         EndReason::Drain,
@@ -81,6 +84,7 @@ impl EndReason {
             EndReason::Closed => "closed",
             EndReason::Unpublished => "unpublished",
             EndReason::Oom => "oom",
+            EndReason::Disk => "disk",
             EndReason::Pids => "pids",
             EndReason::DaemonExit => "daemon_exit",
             EndReason::Drain => "drain",

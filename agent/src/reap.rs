@@ -75,8 +75,10 @@ async fn forced_end(
 /// and whether it was OOM-killed.
 pub fn record(ctx: &Ctx, inst: &Instance, cause: EndCause, outcome: Option<&Outcome>) -> EndReason {
     let oom = outcome.map(|o| o.oom_kills > 0).unwrap_or(false);
+    let disk = crate::disk::at_end(ctx, inst, outcome);
     let reason = match (&cause, outcome) {
         (EndCause::DaemonExited | EndCause::StartFailed(_), _) if oom => EndReason::Oom,
+        (EndCause::DaemonExited, _) if disk.hit => EndReason::Disk,
         (EndCause::DaemonExited, Some(o)) if o.pids_limit_hits > 0 => EndReason::Pids,
         (EndCause::DaemonExited, _) => EndReason::DaemonExit,
         (EndCause::Idle, _) => EndReason::Idle,
@@ -97,6 +99,9 @@ pub fn record(ctx: &Ctx, inst: &Instance, cause: EndCause, outcome: Option<&Outc
         exit_code = outcome.and_then(|o| o.exit_code),
         signal = outcome.and_then(|o| o.signal),
         shim_ms = outcome.map(|o| o.duration_ms),
+        disk_limit = disk.limit,
+        peak_disk = disk.peak,
+        final_disk = disk.last,
         error = match &cause { EndCause::StartFailed(e) => Some(e.as_str()), _ => None },
         "instance ended"
     );
@@ -109,6 +114,9 @@ pub fn record(ctx: &Ctx, inst: &Instance, cause: EndCause, outcome: Option<&Outc
             "its build hit the memory limit of {} and was OOM-killed",
             crate::config::quantity::format_bytes(limits.build_memory)
         )),
+        EndReason::Disk => {
+            Some(crate::disk::why(&disk, &outcome.map(describe_exit).unwrap_or_else(|| "the daemon died".into())))
+        }
         EndReason::Pids => Some(format!("its build hit the limit of {} processes and threads", limits.build_pids)),
         EndReason::DaemonExit => Some(outcome.map(describe_exit).unwrap_or_else(|| "the daemon died".into())),
         EndReason::Drain => Some(format!("node {} is shutting down (drain timeout reached)", ctx.node_name)),

@@ -20,6 +20,8 @@ pub enum RunError {
     NoShim(PathBuf),
     #[error("state dir: {0}")]
     StateDir(String),
+    #[error("disk limit: {0}")]
+    Disk(String),
     #[error("cgroups: {0}")]
     Cgroup(#[source] CgroupError),
     #[error("id-map pool: {0}")]
@@ -109,7 +111,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         scope = ?args.scope,
         "berth-agent starting"
     );
-    let plan = crate::capacity::for_run(&args.limits, &args.capacity, &args.host.cgroup_root, &args.host.proc_root);
+    // Disk hook: without a way to give instances a disk limit, refuse to
+    // start unless the operator said --build-disk 0.
+    crate::disk::preflight(&args).map_err(RunError::Disk)?;
+    let plan = crate::capacity::for_run(&args.limits, &args.capacity, &args.host);
     info!(
         slots = plan.slots,
         binding = ?plan.binding,
@@ -119,6 +124,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         reserve_millicpus = plan.reserve.millicpus,
         slots_by_memory = plan.slots_by_memory,
         slots_by_cpu = plan.slots_by_cpu,
+        slots_by_disk = plan.slots_by_disk,
+        node_disk = plan.node.disk,
+        reserve_disk = plan.reserve.disk,
         overcommitted = plan.overcommitted,
         "build slots"
     );

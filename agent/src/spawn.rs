@@ -21,6 +21,7 @@ use crate::instance::Instance;
 use crate::shim::{describe_exit, Shim};
 use crate::sys;
 use crate::Ctx;
+use berth_shim::disk::DiskSpec;
 use berth_shim::spec::{self, Outcome, Spec};
 use std::fs;
 use std::path::Path;
@@ -60,7 +61,7 @@ async fn start_shim(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, SpawnE
     match child {
         Ok(child) => Ok(Shim::new(child, inst.id.clone(), dir.clone(), &ctx.tasks)),
         Err(source) => {
-            release(&spec);
+            release(&spec, &ctx.run.host.proc_root);
             Err(SpawnError::Exec { path: ctx.shim.clone(), source })
         }
     }
@@ -93,26 +94,44 @@ fn prepare(ctx: &Ctx, inst: &Instance) -> Result<Spec, SpawnError> {
         owner: ctx.owner.id.clone(),
         isolate_network: ctx.run.build_network == crate::config::BuildNetwork::None,
         log_cap_bytes: ctx.run.daemon_log_cap,
+        // Disk hook: recorded in the spec before the image exists.
+        disk: (ctx.run.limits.build_disk > 0)
+            .then(|| DiskSpec::new(dir, dir.join(spec::ROOT_DIR), ctx.run.limits.build_disk)),
     };
-    let config = buildkitd::render(&spec, ctx.run.limits.build_cpus, ctx.run.limits.build_disk);
+    let config = buildkitd::render(&spec, ctx.run.limits.build_cpus, gc_budget(ctx.run.limits.build_disk));
     let acquired = lay_out(&spec, &config).and_then(|()| {
         ctx.layout.create(&format!("berth-{}", inst.id), &ctx.run.limits.limits()).map_err(SpawnError::Cgroup)?;
+        // Disk hook: the image, its loop device and its mount, last
+        // (acquire undoes its own steps on failure).
+        if let Some(disk) = &spec.disk {
+            let templates = ctx.run.host.state_dir.join(berth_shim::disk::template::DIR);
+            berth_shim::disk::acquire(disk, spec.ids.host_base, &templates).map_err(SpawnError::Disk)?;
+        }
         Ok(())
     });
     match acquired {
         Ok(()) => Ok(spec),
         Err(e) => {
-            release(&spec);
+            release(&spec, &ctx.run.host.proc_root);
             Err(e)
         }
     }
 }
 
+/// buildkit's gc target inside a disk limit: 80% of it, so that gc runs
+/// before the filesystem is full (0, unlimited: buildkit's own default).
+fn gc_budget(disk: u64) -> u64 {
+    disk / 5 * 4
+}
+
 /// Releases what `prepare` acquired, for an instance whose shim never ran
 /// (once it runs, the shim's wipe does this). Each step tolerates a
 /// resource that was never acquired.
-fn release(spec: &Spec) {
+fn release(spec: &Spec, proc_root: &Path) {
     let _ = berth_shim::cgroup::remove(&spec.cgroup, Duration::from_secs(1));
+    // Disk hook: the image's mount goes before the dir (its loop device
+    // unbinds itself once unmounted).
+    let _ = berth_shim::teardown::mounts::unmount_below(proc_root, &spec.dir);
     let _ = fs::remove_dir_all(&spec.dir);
     let _ = fs::remove_file(&spec.lease);
 }

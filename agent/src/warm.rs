@@ -24,6 +24,10 @@ pub fn refill(ctx: &Arc<Ctx>) {
         if ctx.registry.warm_len() >= ctx.run.warm || ctx.queued.load(Ordering::SeqCst) > 0 {
             return;
         }
+        // Disk hook: no new instance while the state dir's disk is low.
+        if crate::disk::admit(ctx).is_err() {
+            return;
+        }
         // A fair semaphore hands no permit here while anyone waits.
         let Ok(slot) = ctx.slots.clone().try_acquire_owned() else { return };
         let inst = crate::life::new_instance(ctx, None);

@@ -36,6 +36,7 @@ pub fn log_line(line: &str) {
 pub mod cgroup;
 pub mod cli;
 pub mod delete;
+pub mod disk;
 pub mod host;
 pub mod mountinfo;
 pub mod probe;

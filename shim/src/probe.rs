@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 /// The probe's id map line for both uid_map and gid_map.
 pub const PROBE_MAP: &str = "0 2147483648 1\n";
-const PROBE_HOST_ID: u32 = 2147483648;
+pub const PROBE_HOST_ID: u32 = 2147483648;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {

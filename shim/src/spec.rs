@@ -10,6 +10,8 @@
 //! - `root/`       the daemon's `--root`, owned by the instance's root (mode 0700)
 //! - `run/`        socket dir and `XDG_RUNTIME_DIR`, owned by the instance's root (0700)
 //! - `home/`       `HOME`, owned by the instance's root (0700)
+//! - `disk.img`    with a disk limit: the sparse ext4 image mounted on `root/`
+//!   (root-owned, 0600), and `disk.loop`, the loop device it was bound to
 //!
 //! Everything needed to clean an instance up is in these files, so that
 //! `berth-shim delete <dir>` works after both agent and shim are gone.
@@ -121,6 +123,10 @@ pub struct Spec {
     /// counted and dropped (its last bytes still reach `Outcome.stderr_tail`).
     #[serde(default = "default_log_cap")]
     pub log_cap_bytes: u64,
+    /// The instance's disk (image, mount point, limit); None: unlimited,
+    /// `root/` is a plain dir on the state dir's filesystem.
+    #[serde(default)]
+    pub disk: Option<crate::disk::DiskSpec>,
 }
 
 /// The daemon's socket inside an instance dir; the agent dials it, the
@@ -193,6 +199,9 @@ pub struct Outcome {
     pub stderr_tail: String,
     /// Milliseconds from shim start to the end of the wipe.
     pub duration_ms: u64,
+    /// The instance filesystem's usage at the end (statfs), with a disk limit.
+    #[serde(default)]
+    pub disk: Option<crate::disk::Usage>,
     /// Anything that could not be removed, with its path and the error.
     pub leftovers: Vec<String>,
     /// Set when the shim itself failed (start error), with the cause.
@@ -211,6 +220,7 @@ impl Outcome {
             pids_limit_hits: 0,
             stderr_tail: String::new(),
             duration_ms: 0,
+            disk: None,
             leftovers: Vec::new(),
             error: None,
         }
@@ -316,6 +326,7 @@ mod tests {
             owner: "agent-1".into(),
             isolate_network: false,
             log_cap_bytes: 1 << 20,
+            disk: Some(crate::disk::DiskSpec::new(dir.path(), dir.path().join("root"), 64 << 20)),
         };
         spec.store().unwrap();
         assert_eq!(Spec::load(dir.path()).unwrap(), spec);
@@ -325,9 +336,10 @@ mod tests {
         let mut old: serde_json::Value =
             serde_json::from_slice(&fs::read(dir.path().join(SPEC_FILE)).unwrap()).unwrap();
         assert!(old.as_object_mut().unwrap().remove("log_cap_bytes").is_some());
+        assert!(old.as_object_mut().unwrap().remove("disk").is_some());
         fs::write(dir.path().join(SPEC_FILE), old.to_string()).unwrap();
         let loaded = Spec::load(dir.path()).unwrap();
         assert_eq!(loaded.log_cap_bytes, 16 << 20);
-        assert_eq!(loaded, Spec { log_cap_bytes: DEFAULT_LOG_CAP, ..spec });
+        assert_eq!(loaded, Spec { log_cap_bytes: DEFAULT_LOG_CAP, disk: None, ..spec });
     }
 }

@@ -198,6 +198,11 @@ pub fn finish(
             out.leftovers.push(e.to_string());
         }
     }
+    // Disk hook: the final usage of the instance's filesystem, read while
+    // it is still mounted (statfs, no walk); the unmount below releases it.
+    if let Some(disk) = spec.and_then(|s| s.disk.as_ref()) {
+        out.disk = crate::disk::usage(&disk.mount);
+    }
     out.leftovers.extend(mounts::unmount_below(proc_root, dir));
     match tail.map_or_else(|| log_tail(&dir.join(DAEMON_LOG_FILE)), Ok) {
         Ok(tail) => out.stderr_tail = tail,
@@ -256,7 +261,15 @@ fn trash(dir: &Path) -> io::Result<Option<PathBuf>> {
 /// returned as lines naming each path.
 pub fn empty_trash(doomed: Option<PathBuf>) -> Vec<String> {
     match doomed {
-        Some(t) => wipe::remove_tree(&t).err().map(|e| e.lines()).unwrap_or_default(),
+        Some(t) => {
+            let mut left = wipe::remove_tree(&t).err().map(|e| e.lines()).unwrap_or_default();
+            // Disk hook: a loop device still bound to the image (now in the
+            // trash) is waited for, then unbound.
+            if let Some(name) = t.file_name() {
+                left.extend(crate::disk::settle(&format!("{}/{}", name.to_string_lossy(), crate::disk::IMAGE_FILE)));
+            }
+            left
+        }
         None => Vec::new(),
     }
 }

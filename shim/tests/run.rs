@@ -78,6 +78,7 @@ fn setup(daemon: &str, args: &[&str]) -> Inst {
         owner: "test".into(),
         isolate_network: false,
         log_cap_bytes: 16 << 20,
+        disk: None,
     };
     spec.store().unwrap();
     Inst { _tmp: tmp, dir, spec }

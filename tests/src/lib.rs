@@ -12,6 +12,7 @@
 //!   it drives its agents through the harness's command line and log buffer.
 
 pub mod bench;
+pub mod disk_leaks;
 pub mod fakekitd;
 pub mod grpc;
 pub mod harness;

@@ -177,3 +177,17 @@ fn untraversable_state_dir_fails() {
     assert_eq!(i.level, Level::Fail, "{i}");
     assert!(i.fix.unwrap().contains("o+x"));
 }
+
+#[test]
+fn disk_limit_needs_the_mechanism_and_zero_is_a_warning() {
+    let h = Host::new();
+    let i = h.item("disk limit", &[]);
+    // CI and this machine have loop devices and mkfs.ext4 (.ci/run installs e2fsprogs).
+    assert_eq!(i.level, Level::Ok, "{i}");
+    assert!(i.detail.contains("mkfs.ext4 and /dev/loop-control found"), "{i}");
+    let i = h.item("disk limit", &["--build-disk", "0"]);
+    assert_eq!(i.level, Level::Warn, "{i}");
+    assert!(i.detail.contains("no disk limit"), "{i}");
+    let bad = Cli::try_parse_from(["berth-agent", "check", "--build-disk", "1Mi"]).unwrap_err().to_string();
+    assert!(bad.contains("at least 16Mi"), "{bad}");
+}

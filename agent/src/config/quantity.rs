@@ -61,6 +61,46 @@ fn scaled(num: &str, mult: u64) -> Result<u128, Scaled> {
     whole.checked_add((f * mult as u128 + den / 2) / den).ok_or(Scaled::TooLarge)
 }
 
+/// A size, or a percent of something not known yet (a filesystem's size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Share {
+    Bytes(u64),
+    /// Tenths of a percent, so `2.5%` is exact.
+    PerMille(u64),
+}
+
+impl Share {
+    /// The bytes this share is of a whole of `total` bytes.
+    pub fn of(&self, total: u64) -> u64 {
+        match *self {
+            Share::Bytes(b) => b,
+            Share::PerMille(pm) => (total as u128 * pm as u128 / 1000) as u64,
+        }
+    }
+}
+
+impl std::fmt::Display for Share {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Share::Bytes(b) => f.write_str(&format_bytes(b)),
+            Share::PerMille(pm) if pm % 10 == 0 => write!(f, "{}%", pm / 10),
+            Share::PerMille(pm) => write!(f, "{}.{}%", pm / 10, pm % 10),
+        }
+    }
+}
+
+/// Parses a size (`5Gi`) or a percent (`10%`, `2.5%`, at most 100%).
+pub fn parse_share(s: &str) -> Result<Share, String> {
+    let t = s.trim();
+    let Some(num) = t.strip_suffix('%') else { return parse_bytes(t).map(Share::Bytes) };
+    let v: f64 =
+        num.trim().parse().map_err(|_| format!("{s:?} is not a percent: use 10% or 2.5%, or a size like 5Gi"))?;
+    if !(0.0..=100.0).contains(&v) {
+        return Err(format!("{s:?}: a percent between 0% and 100%"));
+    }
+    Ok(Share::PerMille((v * 10.0).round() as u64))
+}
+
 /// Parses a CPU amount into millicores: `2` is 2000, `0.5` and `500m` are 500.
 pub fn parse_millicpus(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -148,5 +188,18 @@ mod tests {
         assert_eq!(format_bytes(2 << 30), "2Gi");
         assert_eq!(format_bytes(512 << 20), "512Mi");
         assert_eq!(format_bytes(1000), "1000");
+    }
+
+    #[test]
+    fn shares_are_sizes_or_percents() {
+        assert_eq!(parse_share("5Gi").unwrap(), Share::Bytes(5 << 30));
+        assert_eq!(parse_share("10%").unwrap(), Share::PerMille(100));
+        assert_eq!(parse_share("2.5%").unwrap().of(1000), 25);
+        assert_eq!(parse_share("10%").unwrap().of(200 << 30), 20 << 30);
+        assert_eq!(parse_share("0").unwrap().of(1 << 40), 0);
+        assert_eq!(parse_share("2.5%").unwrap().to_string(), "2.5%");
+        for bad in ["101%", "-1%", "ten%", "%"] {
+            assert!(parse_share(bad).is_err(), "{bad}");
+        }
     }
 }

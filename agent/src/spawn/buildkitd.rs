@@ -64,6 +64,7 @@ mod tests {
             owner: "o".into(),
             isolate_network: false,
             log_cap_bytes: 16 << 20,
+            disk: None,
         };
         let text = render(&spec, 1500, 10 << 30);
         let t: Table = toml::from_str(&text).unwrap();

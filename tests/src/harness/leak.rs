@@ -185,6 +185,8 @@ pub fn leak_scan(scope: &LeakScope, exclude: &[u32]) -> Vec<String> {
     for m in mounts_under(&scope.dir) {
         out.push(format!("mount left: {}", m.display()));
     }
+    // Disk hook: loop devices bound to images below the scope.
+    out.extend(crate::disk_leaks::scan(&scope.dir));
 
     if let Ok(rd) = fs::read_dir(scope.state_dir.join("instances")) {
         for e in rd.flatten() {
@@ -230,6 +232,7 @@ pub fn cleanup(scope: &LeakScope) {
     for m in mounts_under(&scope.dir).into_iter().rev() {
         let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
     }
+    crate::disk_leaks::cleanup(&scope.dir);
 
     for parent in cgroup_parent_dirs(&scope.cgroup_root, &scope.cgroup_parent) {
         if !parent.exists() {

@@ -97,6 +97,7 @@ fn host_paths_are_kubelet_pods_plugin_registration_run_and_state_dirs() {
             ("registration-dir", format!("{kubelet}/plugins_registry")),
             ("run-dir", run.to_string()),
             ("state-dir", state.to_string()),
+            ("dev", "/dev".to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
