@@ -38,6 +38,7 @@ pub mod cli;
 pub mod delete;
 pub mod host;
 pub mod mountinfo;
+pub mod net;
 pub mod probe;
 pub mod run;
 pub mod spec;
