@@ -6,6 +6,8 @@
 //! fake host trees; the user-namespace clone probe runs only against the
 //! real /proc.
 
+mod network;
+
 use crate::config::CheckArgs;
 use crate::idmap::IdPool;
 use crate::run::{find_shim, which};
@@ -74,7 +76,7 @@ pub fn main(args: &CheckArgs) -> i32 {
 pub fn run_checks(args: &CheckArgs) -> Vec<Item> {
     let h = &args.host;
     let real_proc = h.proc_root == Path::new("/proc");
-    vec![
+    let mut items = vec![
         userns(&h.proc_root, real_proc, h.shim.as_deref()),
         overlay(&h.state_dir, real_proc, h.shim.as_deref()),
         proc_unmasked(&h.proc_root),
@@ -83,7 +85,9 @@ pub fn run_checks(args: &CheckArgs) -> Vec<Item> {
         daemon(&h.daemon),
         runc(&h.daemon, &std::env::var("PATH").unwrap_or_default()),
         state_dir(&h.state_dir),
-    ]
+    ];
+    items.extend(network::checks(&args.net, &h.proc_root));
+    items
 }
 
 fn userns(proc_root: &Path, real: bool, shim: Option<&Path>) -> Item {

@@ -280,7 +280,7 @@ async fn call(cmd: Cmd, ch: Channel) -> Result<Value, Failure> {
             json!({"result": r.result, "error": r.error, "connect_ms": r.connect_ms, "received": String::from_utf8_lossy(&r.received)})
         }
         Cmd::Bind { port } => {
-            let r = fake(ch).bind(BindRequest { port }).await?.into_inner();
+            let r = fake(ch).bind(BindRequest { port, hold_ms: 0 }).await?.into_inner();
             json!({"error": r.error, "address": r.address})
         }
         Cmd::Resolve { name } => {

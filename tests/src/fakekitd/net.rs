@@ -70,7 +70,7 @@ pub async fn connect(r: ConnectRequest) -> ConnectReply {
     out
 }
 
-pub async fn bind(port: u32) -> BindReply {
+pub async fn bind(port: u32, hold_ms: u32) -> BindReply {
     let mut out = BindReply::default();
     let res = async {
         let l = TcpListener::bind(("0.0.0.0", port as u16)).await?;
@@ -78,11 +78,23 @@ pub async fn bind(port: u32) -> BindReply {
         let (c, a) = tokio::join!(TcpStream::connect(("127.0.0.1", addr.port())), l.accept());
         c?;
         a?;
-        io::Result::Ok(addr)
+        io::Result::Ok((addr, l))
     }
     .await;
     match res {
-        Ok(a) => out.address = a.to_string(),
+        Ok((a, l)) => {
+            out.address = a.to_string();
+            if hold_ms > 0 {
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_millis(hold_ms as u64), async {
+                        while let Ok((mut c, _)) = l.accept().await {
+                            let _ = c.write_all(b"bound\n").await;
+                        }
+                    })
+                    .await;
+                });
+            }
+        }
         Err(e) => out.error = e.to_string(),
     }
     out

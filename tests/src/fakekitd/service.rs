@@ -330,7 +330,8 @@ impl Fake for FakeService {
     }
 
     async fn bind(&self, req: Request<BindRequest>) -> Result<Response<BindReply>, Status> {
-        Ok(Response::new(super::net::bind(req.into_inner().port).await))
+        let r = req.into_inner();
+        Ok(Response::new(super::net::bind(r.port, r.hold_ms).await))
     }
 
     async fn resolve(&self, req: Request<ResolveRequest>) -> Result<Response<ResolveReply>, Status> {
