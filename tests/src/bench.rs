@@ -16,6 +16,7 @@
 pub mod env;
 pub mod concurrency;
 pub mod footprint;
+pub mod network;
 pub mod proxy;
 pub mod report;
 pub mod start;
@@ -149,7 +150,7 @@ pub struct Figure {
     pub details: Value,
 }
 
-pub const FIGURES: [&str; 6] = ["start", "throughput", "wipe", "footprint", "concurrency", "warm"];
+pub const FIGURES: [&str; 7] = ["start", "throughput", "wipe", "footprint", "concurrency", "warm", "network"];
 
 async fn run_figure(name: &str, ctx: &Ctx) -> Result<Figure> {
     match name {
@@ -159,6 +160,7 @@ async fn run_figure(name: &str, ctx: &Ctx) -> Result<Figure> {
         "footprint" => footprint::run(ctx).await,
         "concurrency" => concurrency::run(ctx).await,
         "warm" => warm::run(ctx).await,
+        "network" => network::run(ctx).await,
         other => anyhow::bail!("unknown figure {other}"),
     }
 }

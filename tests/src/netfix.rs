@@ -91,6 +91,8 @@ impl SubnetClaim {
 
 impl Drop for SubnetClaim {
     fn drop(&mut self) {
+        // An agent in the test's own namespace left its table there.
+        drop_table(None, &self.table);
         let _ = fs::remove_file(&self.path);
     }
 }

@@ -8,7 +8,7 @@ use berth_tests::harness::bin_path;
 use serde_json::Value;
 use std::process::Command;
 
-const FIGURES: [&str; 6] = ["1 start", "2 throughput", "3 wipe", "4 footprint", "5 concurrency", "6 warm"];
+const FIGURES: [&str; 7] = ["1 start", "2 throughput", "3 wipe", "4 footprint", "5 concurrency", "6 warm", "7 network"];
 
 /// The table's data rows as cells (`| a | b | ... |`), header and rule excluded.
 fn table_rows(stdout: &str) -> Vec<Vec<String>> {

@@ -52,6 +52,22 @@ pub async fn connect(r: ConnectRequest) -> ConnectReply {
             return out;
         }
     }
+    if r.discard {
+        let t = Instant::now();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(k) => out.received_bytes += k as u64,
+                Err(e) => {
+                    out.error = format!("read: {e}");
+                    break;
+                }
+            }
+        }
+        out.transfer_ms = t.elapsed().as_millis() as u32;
+        return out;
+    }
     let mut buf = vec![0u8; MAX_RECEIVED];
     let mut n = 0;
     while n < buf.len() {
@@ -66,6 +82,7 @@ pub async fn connect(r: ConnectRequest) -> ConnectReply {
         }
     }
     buf.truncate(n);
+    out.received_bytes = n as u64;
     out.received = buf;
     out
 }
