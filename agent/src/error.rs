@@ -40,7 +40,8 @@ impl SpawnError {
         use crate::network::{pool::PoolError, NetworkError};
         matches!(
             self,
-            SpawnError::Lease(IdmapError::Exhausted(_)) | SpawnError::Network(NetworkError::Pool(PoolError::Exhausted(_)))
+            SpawnError::Lease(IdmapError::Exhausted(_))
+                | SpawnError::Network(NetworkError::Pool(PoolError::Exhausted(_)))
         )
     }
 

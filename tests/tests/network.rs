@@ -22,7 +22,12 @@ use tonic::transport::Channel;
 const CLEAN: Duration = Duration::from_secs(20);
 
 async fn dial(c: &mut FakeClient<Channel>, addr: &str) -> ConnectReply {
-    let req = ConnectRequest { address: addr.into(), send: b"GET / HTTP/1.0\r\n\r\n".to_vec(), timeout_ms: 4000, discard: false };
+    let req = ConnectRequest {
+        address: addr.into(),
+        send: b"GET / HTTP/1.0\r\n\r\n".to_vec(),
+        timeout_ms: 4000,
+        discard: false,
+    };
     c.dial(req).await.expect("Fake.Dial").into_inner()
 }
 

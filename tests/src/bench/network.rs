@@ -93,7 +93,11 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
         for which in if i % 2 == 0 { [0, 1] } else { [1, 0] } {
             let s = berth_sample(if which == 0 { &iso } else { &host }).await?;
             if keep {
-                if which == 0 { si.push(s.first_byte_ms) } else { sh_.push(s.first_byte_ms) }
+                if which == 0 {
+                    si.push(s.first_byte_ms)
+                } else {
+                    sh_.push(s.first_byte_ms)
+                }
             }
         }
     }
@@ -115,8 +119,13 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
             .baseline(p50(&sh_), base)
             .goal(Goal::OverheadAtMost(5.0), "added start cost <= 5 ms"),
         Row::new("7 network", "isolated connect->first byte p99", "ms", p99(&si)).baseline(p99(&sh_), base),
-        Row::new("7 network", format!("download through NAT, {} MiB (best of {})", bytes >> 20, ti.len()), "MB/s", ti.iter().cloned().fold(0.0, f64::max))
-            .baseline(th.iter().cloned().fold(0.0, f64::max), "host mode, same server"),
+        Row::new(
+            "7 network",
+            format!("download through NAT, {} MiB (best of {})", bytes >> 20, ti.len()),
+            "MB/s",
+            ti.iter().cloned().fold(0.0, f64::max),
+        )
+        .baseline(th.iter().cloned().fold(0.0, f64::max), "host mode, same server"),
     ];
     Ok(Figure { rows, details: json!({"isolated_ms": si, "host_ms": sh_, "nat_mbps": ti, "host_mbps": th}) })
 }

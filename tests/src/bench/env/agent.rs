@@ -88,7 +88,17 @@ impl BenchAgent {
         let logs = Logs::new();
         logs.capture(child.stdout.take().unwrap(), format!("agent[{name}] stdout:"), verbose());
         logs.capture(child.stderr.take().unwrap(), format!("agent[{name}]:"), verbose());
-        let agent = BenchAgent { child: Mutex::new(child), pid, live_pid, socket, state_dir, scope, logs, _undo: undo, _net: net };
+        let agent = BenchAgent {
+            child: Mutex::new(child),
+            pid,
+            live_pid,
+            socket,
+            state_dir,
+            scope,
+            logs,
+            _undo: undo,
+            _net: net,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(st) = agent.exited() {
