@@ -6,6 +6,8 @@
 //! fake host trees; the user-namespace clone probe runs only against the
 //! real /proc.
 
+mod network;
+
 use crate::config::CheckArgs;
 use crate::idmap::IdPool;
 use crate::run::find_shim;
@@ -76,7 +78,7 @@ pub fn run_checks(args: &CheckArgs) -> Vec<Item> {
     let h = &args.host;
     let real_proc = h.proc_root == Path::new("/proc");
     let agent_path = std::env::var_os("PATH");
-    vec![
+    let mut items = vec![
         userns(&h.proc_root, real_proc, h.shim.as_deref()),
         overlay(&h.state_dir, real_proc, h.shim.as_deref()),
         proc_unmasked(&h.proc_root),
@@ -86,7 +88,9 @@ pub fn run_checks(args: &CheckArgs) -> Vec<Item> {
         runc(&h.daemon, agent_path.as_deref()),
         state_dir(&h.state_dir),
         disk::check(&h.state_dir, args.limits.build_disk, real_proc, h.shim.as_deref()),
-    ]
+    ];
+    items.extend(network::checks(&args.net, &h.proc_root));
+    items
 }
 
 fn userns(proc_root: &Path, real: bool, shim: Option<&Path>) -> Item {

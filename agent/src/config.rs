@@ -193,12 +193,61 @@ pub enum Scope {
 /// The network build steps see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BuildNetwork {
+    /// A network namespace of the instance's own, joined to the agent's by a
+    /// veth, egress by NAT; metadata, link-local, the agent's own addresses
+    /// and other builds refused (see the README's network section).
+    Isolated,
     /// The node's network (rootless buildkit's default): builds can fetch
     /// packages, and can also reach anything the node can.
     Host,
     /// A network namespace of the instance's own with only loopback:
     /// offline builds, nothing of the node reachable.
     None,
+}
+
+/// The build network's settings, shared by `run` and `check`.
+#[derive(Debug, Clone, Args)]
+pub struct NetArgs {
+    /// The network of build steps: isolated (own namespace, NAT egress, the node refused),
+    /// host (the node's) or none (loopback only).
+    #[arg(long, env = "BERTH_BUILD_NETWORK", value_enum, default_value_t = BuildNetwork::Isolated)]
+    pub build_network: BuildNetwork,
+    /// Pool of build addresses (isolated): one /30 per instance.
+    #[arg(long, env = "BERTH_BUILD_SUBNET", default_value = "10.213.0.0/16", value_parser = parse_subnet)]
+    pub build_subnet: ipnet::Ipv4Net,
+    /// A range builds may not reach (repeatable or comma-separated), e.g. the pod and service CIDRs.
+    #[arg(long = "build-egress-deny", env = "BERTH_BUILD_EGRESS_DENY", value_delimiter = ',', value_parser = parse_cidr)]
+    pub build_egress_deny: Vec<ipnet::Ipv4Net>,
+    /// A range builds may reach even inside a denied one (repeatable), e.g. an in-cluster registry.
+    #[arg(long = "build-egress-allow", env = "BERTH_BUILD_EGRESS_ALLOW", value_delimiter = ',', value_parser = parse_cidr)]
+    pub build_egress_allow: Vec<ipnet::Ipv4Net>,
+    /// The resolv.conf whose resolvers builds use (port 53 only; loopback ones are dropped).
+    #[arg(long, env = "BERTH_BUILD_RESOLV_CONF", default_value = "/etc/resolv.conf")]
+    pub build_resolv_conf: PathBuf,
+    /// The nftables table (family inet) of berth's rules; agents sharing a state dir share it.
+    #[arg(long, env = "BERTH_BUILD_NFT_TABLE", default_value = "berth", value_parser = parse_table)]
+    pub build_nft_table: String,
+}
+
+fn parse_cidr(s: &str) -> Result<ipnet::Ipv4Net, String> {
+    let net: ipnet::Ipv4Net = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IPv4 range like 10.96.0.0/12 (IPv6 is not supported)"))?;
+    Ok(net.trunc())
+}
+
+fn parse_subnet(s: &str) -> Result<ipnet::Ipv4Net, String> {
+    let net = parse_cidr(s)?;
+    if net.prefix_len() > 30 {
+        return Err(format!("{s:?} is smaller than one instance's /30; use a /24 or larger"));
+    }
+    Ok(net)
+}
+
+fn parse_table(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty() && s.len() <= 32 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    ok.then(|| s.to_string()).ok_or_else(|| format!("{s:?} is not an nftables table name (letters, digits, _)"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -253,9 +302,8 @@ pub struct RunArgs {
     /// Grace between SIGTERM and SIGKILL of a daemon.
     #[arg(long, env = "BERTH_STOP_GRACE", default_value = "2s", value_parser = humantime::parse_duration)]
     pub stop_grace: Duration,
-    /// The network of build steps: host (the node's) or none (loopback only).
-    #[arg(long, env = "BERTH_BUILD_NETWORK", value_enum, default_value_t = BuildNetwork::Host)]
-    pub build_network: BuildNetwork,
+    #[command(flatten)]
+    pub net: NetArgs,
     /// What shares an instance.
     #[arg(long, env = "BERTH_SCOPE", value_enum, default_value_t = Scope::Client)]
     pub scope: Scope,
@@ -318,6 +366,8 @@ pub struct CheckArgs {
     pub host: HostArgs,
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub net: NetArgs,
 }
 
 fn parse_unix_url(s: &str) -> Result<PathBuf, String> {

@@ -32,12 +32,19 @@ pub enum SpawnError {
     Exec { path: PathBuf, source: std::io::Error },
     #[error("the prepare task failed: {0}")]
     Task(String),
+    #[error("isolated network: {0}")]
+    Network(#[source] crate::network::NetworkError),
 }
 
 impl SpawnError {
     /// True when the node is full rather than broken.
     pub fn is_exhausted(&self) -> bool {
-        matches!(self, SpawnError::Lease(IdmapError::Exhausted(_)))
+        use crate::network::{pool::PoolError, NetworkError};
+        matches!(
+            self,
+            SpawnError::Lease(IdmapError::Exhausted(_))
+                | SpawnError::Network(NetworkError::Pool(PoolError::Exhausted(_)))
+        )
     }
 
     pub fn metric_label(&self) -> &'static str {

@@ -32,6 +32,7 @@ pub mod life;
 pub mod listen;
 pub mod log;
 pub mod metrics;
+pub mod network;
 pub mod owner;
 pub mod phase;
 pub mod probe;
@@ -91,6 +92,8 @@ pub struct Ctx {
     pub kubelet: watch::Sender<register::Kubelet>,
     /// This agent's ownership lock; instances record its id.
     pub owner: owner::Owner,
+    /// The isolated build network (`--build-network isolated`), else None.
+    pub network: Option<network::Network>,
 }
 
 impl Ctx {

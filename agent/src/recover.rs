@@ -43,6 +43,8 @@ pub struct Swept {
     /// Instances of live agents, left alone.
     pub skipped: usize,
     pub leases: usize,
+    /// Host-side veths of dead instances.
+    pub links: usize,
     pub cgroups: usize,
     /// Instance-like cgroups with processes that no instance dir names.
     pub foreign: usize,
@@ -140,12 +142,21 @@ pub async fn sweep(ctx: &Ctx) -> Swept {
             }
         }
     }
+    // Subnet leases and host-side veths of dead agents (see `network`).
+    if let Some(n) = &ctx.network {
+        let state = &ctx.run.host.state_dir;
+        let alive = |o: &str| o == ctx.owner.id || crate::owner::alive(state, o);
+        let (leases, links) = n.sweep(&ctx.instances_dir(), alive).await;
+        swept.leases += leases;
+        swept.links += links;
+    }
     crate::owner::sweep_dead(&ctx.run.host.state_dir, &ctx.owner.id);
     info!(
         instances = swept.instances,
         skipped = swept.skipped,
         trash = swept.trash,
         leases = swept.leases,
+        links = swept.links,
         cgroups = swept.cgroups,
         foreign = swept.foreign,
         failures = swept.failures,

@@ -34,6 +34,8 @@ pub enum RunError {
     Register(#[from] crate::register::RegisterError),
     #[error("signals: {0}")]
     Signal(std::io::Error),
+    #[error("--build-network isolated: {0}")]
+    Network(#[source] crate::network::NetworkError),
 }
 
 /// Looks `name` up like execvp would: a path with a slash is taken as is.
@@ -136,6 +138,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         Some(a) => Some(crate::http::bind(a).await.map_err(|e| RunError::Http(a, e))?),
         None => None,
     };
+    // Isolated build network: forwarding, firewall, resolvers (see `network`).
+    let network = crate::network::Network::start(&args.net, &args.host.state_dir, &args.host.proc_root)
+        .await
+        .map_err(RunError::Network)?;
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     let ctx = Arc::new(Ctx {
@@ -157,6 +163,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         kubelet: watch::Sender::new(crate::register::Kubelet::Off),
         owner: crate::owner::Owner::acquire(&args.host.state_dir)
             .map_err(|e| RunError::StateDir(format!("agent lock: {e}")))?,
+        network,
         run: args,
     });
     ctx.refresh_gauges();

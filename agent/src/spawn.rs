@@ -76,6 +76,15 @@ async fn start_shim(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, SpawnE
 /// Undoes what it did on failure. Blocking.
 fn prepare(ctx: &Ctx, inst: &Instance) -> Result<Spec, SpawnError> {
     let (ids, lease) = ctx.pool.lease(&format!("{} {}", inst.id, ctx.owner.id)).map_err(SpawnError::Lease)?;
+    // Isolated network: a /30 of the build subnet (see `network`); the shim
+    // makes the veth from the spec.
+    let network = match ctx.network.as_ref().map(|n| n.lease(&inst.id, &ctx.owner.id)).transpose() {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = fs::remove_file(&lease);
+            return Err(SpawnError::Network(e));
+        }
+    };
     let dir = &inst.dir;
     let cgroup = ctx.layout.plan(&format!("berth-{}", inst.id));
     let spec = Spec {
@@ -92,14 +101,18 @@ fn prepare(ctx: &Ctx, inst: &Instance) -> Result<Spec, SpawnError> {
         client: inst.client().display,
         client_key: inst.client().key,
         owner: ctx.owner.id.clone(),
-        isolate_network: ctx.run.build_network == crate::config::BuildNetwork::None,
+        isolate_network: ctx.run.net.build_network != crate::config::BuildNetwork::Host,
         log_cap_bytes: ctx.run.daemon_log_cap,
         // Disk hook: recorded in the spec before the image exists.
         disk: (ctx.run.limits.build_disk > 0)
             .then(|| DiskSpec::new(dir, dir.join(spec::ROOT_DIR), ctx.run.limits.build_disk)),
+        network,
     };
     let config = buildkitd::render(&spec, ctx.run.limits.build_cpus, gc_budget(ctx.run.limits.build_disk));
     let acquired = lay_out(&spec, &config).and_then(|()| {
+        if let Some(n) = &ctx.network {
+            n.write_files(&spec).map_err(|(path, source)| SpawnError::Layout { path, source })?;
+        }
         ctx.layout.create(&format!("berth-{}", inst.id), &ctx.run.limits.limits()).map_err(SpawnError::Cgroup)?;
         // Disk hook: the image, its loop device and its mount, last
         // (acquire undoes its own steps on failure).
@@ -134,6 +147,9 @@ fn release(spec: &Spec, proc_root: &Path) {
     let _ = berth_shim::teardown::mounts::unmount_below(proc_root, &spec.dir);
     let _ = fs::remove_dir_all(&spec.dir);
     let _ = fs::remove_file(&spec.lease);
+    if let Some(net) = &spec.network {
+        let _ = fs::remove_file(&net.lease);
+    }
 }
 
 fn daemon_args(ctx: &Ctx, dir: &Path, socket: &Path, root: &Path) -> Vec<String> {

@@ -39,6 +39,7 @@ pub mod delete;
 pub mod disk;
 pub mod host;
 pub mod mountinfo;
+pub mod net;
 pub mod probe;
 pub mod run;
 pub mod spec;

@@ -64,6 +64,8 @@ pub enum RunError {
     Threads { proc: PathBuf, threads: usize },
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error("isolated network: {0}")]
+    Net(#[from] crate::net::NetError),
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RunError + '_ {
@@ -199,7 +201,8 @@ fn start(spec: &Spec, dir: &Path, proc_root: &Path, daemon: &mut Option<Pid>) ->
         let fds = [sync_r.as_fd(), err_w.as_fd(), out_w.as_fd(), null.as_fd()];
         let plan = child::Plan::new(spec, fds, [sync_w.as_raw_fd(), err_r.as_raw_fd(), output.raw_fd()])?;
         let mut stack = vec![0u8; sys::CHILD_STACK];
-        let flags = if spec.isolate_network { NS_FLAGS | CloneFlags::CLONE_NEWNET } else { NS_FLAGS };
+        let own_netns = spec.isolate_network || spec.network.is_some();
+        let flags = if own_netns { NS_FLAGS | CloneFlags::CLONE_NEWNET } else { NS_FLAGS };
         sys::clone_child(flags, &mut stack, &mut || child::main(&plan))
             .map_err(|errno| RunError::Sys { what: "clone", errno })?
     };
@@ -213,6 +216,11 @@ fn start(spec: &Spec, dir: &Path, proc_root: &Path, daemon: &mut Option<Pid>) ->
         fs::write(&path, spec.ids.map_line()).map_err(io_at(&path))?;
     }
     cgroup::join(&spec.cgroup, pid.as_raw())?;
+    // Isolated network: the veth into the child's new namespace, before
+    // the child may exec (see `net`).
+    if let Some(net) = &spec.network {
+        crate::net::setup(net, pid.as_raw(), proc_root)?;
+    }
     let daemon_pid = dir.join(DAEMON_PID_FILE);
     let stamp = PidStamp::of(proc_root, pid.as_raw()).map_err(io_at(&proc_root.join(pid.to_string())))?;
     fs::write(&daemon_pid, stamp.render()).map_err(io_at(&daemon_pid))?;

@@ -30,6 +30,10 @@ pub const RUN_DIR: &str = "run";
 pub const HOME_DIR: &str = "home";
 /// Name of the daemon's socket inside `run/`.
 pub const SOCKET_NAME: &str = "buildkitd.sock";
+/// The instance's own `/etc/resolv.conf` and `/etc/hosts` (isolated network),
+/// bind-mounted over the host's in the daemon's mount namespace.
+pub const RESOLV_FILE: &str = "resolv.conf";
+pub const HOSTS_FILE: &str = "hosts";
 /// Ids mapped per instance: a full range, as buildkit's devpts `gid=5` and
 /// image layers with arbitrary owners need.
 pub const IDS_PER_INSTANCE: u32 = 65536;
@@ -127,6 +131,25 @@ pub struct Spec {
     /// `root/` is a plain dir on the state dir's filesystem.
     #[serde(default)]
     pub disk: Option<crate::disk::DiskSpec>,
+    /// The isolated network (`--build-network isolated`): a veth pair from
+    /// the agent's network namespace into the daemon's. Implies
+    /// `isolate_network`. Everything here is what `net::release` undoes.
+    #[serde(default)]
+    pub network: Option<NetSpec>,
+}
+
+/// One instance's share of the isolated network: a /30 of the build subnet,
+/// the host side of the veth pair and the lease that reserves the subnet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetSpec {
+    /// Host-side veth in the agent's network namespace (`bk<tag><id>`).
+    pub host_if: String,
+    pub host_addr: std::net::Ipv4Addr,
+    /// The daemon's address on its `eth0`; its default route goes to `host_addr`.
+    pub inner_addr: std::net::Ipv4Addr,
+    pub prefix_len: u8,
+    /// The subnet lease file, removed when the veth is gone.
+    pub lease: PathBuf,
 }
 
 /// The daemon's socket inside an instance dir; the agent dials it, the
@@ -327,6 +350,13 @@ mod tests {
             isolate_network: false,
             log_cap_bytes: 1 << 20,
             disk: Some(crate::disk::DiskSpec::new(dir.path(), dir.path().join("root"), 64 << 20)),
+            network: Some(NetSpec {
+                host_if: "bk0000abcdef012".into(),
+                host_addr: "10.213.0.1".parse().unwrap(),
+                inner_addr: "10.213.0.2".parse().unwrap(),
+                prefix_len: 30,
+                lease: dir.path().join("net-lease"),
+            }),
         };
         spec.store().unwrap();
         assert_eq!(Spec::load(dir.path()).unwrap(), spec);

@@ -1,6 +1,6 @@
 //! Ending an instance, shared by `run` (our own child) and `delete` (pids
 //! from files): stop the daemon, empty and remove the cgroup, unmount and
-//! wipe the instance dir, release the id lease, in that order so that each
+//! wipe the instance dir, release the veth, subnet and id lease, in that order so that each
 //! step only removes what nothing alive can still use.
 //!
 //! Every step that fails leaves a line naming its path or pid in
@@ -196,6 +196,10 @@ pub fn finish(
         out.pids_limit_hits = usage.pids_limit_hits;
         if let Err(e) = cgroup::remove(&spec.cgroup, CGROUP_RMDIR_WAIT) {
             out.leftovers.push(e.to_string());
+        }
+        // Nothing of the instance runs: its veth and subnet go.
+        if let Some(net) = &spec.network {
+            out.leftovers.extend(crate::net::release(net));
         }
     }
     // Disk hook: the final usage of the instance's filesystem, read while

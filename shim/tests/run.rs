@@ -77,6 +77,7 @@ fn setup(daemon: &str, args: &[&str]) -> Inst {
         client_key: "test".into(),
         owner: "test".into(),
         isolate_network: false,
+        network: None,
         log_cap_bytes: 16 << 20,
         disk: None,
     };

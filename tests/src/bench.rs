@@ -17,6 +17,7 @@ pub mod env;
 pub mod concurrency;
 pub mod disk;
 pub mod footprint;
+pub mod network;
 pub mod proxy;
 pub mod report;
 pub mod start;
@@ -150,7 +151,7 @@ pub struct Figure {
     pub details: Value,
 }
 
-pub const FIGURES: [&str; 7] = ["start", "throughput", "wipe", "footprint", "concurrency", "warm", "disk"];
+pub const FIGURES: [&str; 8] = ["start", "throughput", "wipe", "footprint", "concurrency", "warm", "disk", "network"];
 
 async fn run_figure(name: &str, ctx: &Ctx) -> Result<Figure> {
     match name {
@@ -161,6 +162,7 @@ async fn run_figure(name: &str, ctx: &Ctx) -> Result<Figure> {
         "concurrency" => concurrency::run(ctx).await,
         "warm" => warm::run(ctx).await,
         "disk" => disk::run(ctx).await,
+        "network" => network::run(ctx).await,
         other => anyhow::bail!("unknown figure {other}"),
     }
 }

@@ -17,6 +17,7 @@ pub mod fakekitd;
 pub mod grpc;
 pub mod harness;
 pub mod kubelet;
+pub mod netfix;
 pub mod pattern;
 
 /// Generated code. `berth.fake.v1` is compiled here; BuildKit's Control

@@ -8,7 +8,8 @@ use berth_tests::harness::bin_path;
 use serde_json::Value;
 use std::process::Command;
 
-const FIGURES: [&str; 7] = ["1 start", "2 throughput", "3 wipe", "4 footprint", "5 concurrency", "6 warm", "7 disk"];
+const FIGURES: [&str; 8] =
+    ["1 start", "2 throughput", "3 wipe", "4 footprint", "5 concurrency", "6 warm", "7 disk", "8 network"];
 
 /// The table's data rows as cells (`| a | b | ... |`), header and rule excluded.
 fn table_rows(stdout: &str) -> Vec<Vec<String>> {

@@ -137,9 +137,14 @@ fn a_failing_daemon_is_not_restarted_for_every_retry() {
 #[test]
 fn build_network_host_or_none() {
     let host_net = std::fs::read_link("/proc/self/ns/net").unwrap().to_string_lossy().into_owned();
-    let shared = Agent::builder("bk-net-host").args(["--max-builds", "2"]).start();
+    let shared = Agent::builder("bk-net-host").args(["--max-builds", "2", "--build-network", "host"]).start();
     let p = json(run(&shared, 0, &["ping"]));
-    assert_eq!(p["ns"]["net"], host_net.as_str(), "default: builds use the node's network");
+    assert_eq!(p["ns"]["net"], host_net.as_str(), "host: builds use the node's network");
+    drop(shared);
+    let default = Agent::builder("bk-net-default").args(["--max-builds", "2"]).start();
+    let p = json(run(&default, 0, &["ping"]));
+    assert_ne!(p["ns"]["net"], host_net.as_str(), "default (isolated): a network namespace of its own");
+    drop(default);
     let isolated = Agent::builder("bk-net-none").args(["--max-builds", "2", "--build-network", "none"]).start();
     let p = json(run(&isolated, 0, &["ping"]));
     assert!(p.get("error").is_none(), "{p}");

@@ -24,6 +24,11 @@ impl Host {
         fs::write(p.join("cg/agent/cgroup.controllers"), "cpu memory pids\n").unwrap();
         fs::create_dir_all(p.join("etc")).unwrap();
         fs::write(p.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+        fs::create_dir_all(p.join("proc/sys/net/ipv4")).unwrap();
+        fs::create_dir_all(p.join("proc/net")).unwrap();
+        fs::write(p.join("proc/sys/net/ipv4/ip_forward"), "1\n").unwrap();
+        fs::write(p.join("proc/net/route"), "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n").unwrap();
+        fs::write(p.join("etc/resolv.conf"), "nameserver 127.0.0.53\nnameserver 10.96.0.10\n").unwrap();
         Host { t }
     }
     fn p(&self, rel: &str) -> String {
@@ -37,7 +42,7 @@ impl Host {
             argv.push(k.into());
             argv.push(self.p(v));
         }
-        argv.extend(["--daemon".into(), "true".into()]);
+        argv.extend(["--daemon".into(), "true".into(), "--build-resolv-conf".into(), self.p("etc/resolv.conf")]);
         argv.extend(extra.iter().map(|s| s.to_string()));
         match Cli::try_parse_from(argv).unwrap().command {
             Cmd::Check(a) => a,
@@ -57,6 +62,23 @@ fn healthy_fake_host_passes_every_file_based_check() {
             assert_eq!(i.level, Level::Ok, "{i}");
         }
     }
+}
+
+#[test]
+fn isolated_network_needs_forwarding_a_free_subnet_and_a_reachable_resolver() {
+    let h = Host::new();
+    assert_eq!(h.item("build dns", &[]).level, Level::Ok);
+    fs::write(h.p("proc/sys/net/ipv4/ip_forward"), "0\n").unwrap();
+    let i = h.item("ip forwarding", &[]);
+    assert_eq!(i.level, Level::Warn);
+    assert!(i.fix.unwrap().contains("net.ipv4.ip_forward=1"));
+    fs::write(h.p("etc/resolv.conf"), "nameserver 127.0.0.53\n").unwrap();
+    let i = h.item("build dns", &[]);
+    assert_eq!(i.level, Level::Warn, "{i}");
+    assert!(i.detail.contains("127.0.0.53"));
+    // Host mode has nothing of this to check.
+    let all = run_checks(&h.args(&["--build-network", "host"]));
+    assert!(all.iter().all(|i| i.name != "ip forwarding" && i.name != "veth"));
 }
 
 #[test]

@@ -63,6 +63,7 @@ mod tests {
             client_key: "c".into(),
             owner: "o".into(),
             isolate_network: false,
+            network: None,
             log_cap_bytes: 16 << 20,
             disk: None,
         };

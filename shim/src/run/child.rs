@@ -9,7 +9,7 @@
 //! lock can be held), but it keeps the child's path short and predictable.
 
 use super::RunError;
-use crate::spec::Spec;
+use crate::spec::{self, Spec};
 use crate::sys;
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
@@ -39,6 +39,9 @@ pub(super) struct Plan<'a> {
     /// The daemon has its own network namespace: bring its loopback up.
     pub loopback: bool,
     pub root: CString,
+    /// `(source, target)` files bind-mounted in the daemon's mount namespace:
+    /// the instance's own resolv.conf and hosts (isolated network).
+    pub binds: Vec<(CString, CString)>,
     /// Read end of the handshake pipe: one byte = maps written, go on.
     pub sync_r: BorrowedFd<'a>,
     /// Write end of the error pipe: closed by exec (CLOEXEC) on success,
@@ -73,14 +76,22 @@ impl<'a> Plan<'a> {
             envp.push(cstr("env", format!("{k}={v}").as_bytes())?);
         }
         let root = cstr("dir", spec.root_dir().as_os_str().as_bytes())?;
+        let mut binds = Vec::new();
+        if spec.network.is_some() {
+            for (file, target) in [(spec::RESOLV_FILE, "/etc/resolv.conf"), (spec::HOSTS_FILE, "/etc/hosts")] {
+                let src = cstr("dir", spec.dir.join(file).as_os_str().as_bytes())?;
+                binds.push((src, cstr("dir", target.as_bytes())?));
+            }
+        }
         let [sync_r, err_w, out, null] = fds;
         Ok(Plan {
             daemon,
             argv,
             envp,
             hostname: spec.hostname.clone(),
-            loopback: spec.isolate_network,
+            loopback: spec.isolate_network || spec.network.is_some(),
             root,
+            binds,
             sync_r,
             err_w,
             out,
@@ -146,6 +157,12 @@ fn setup(plan: &Plan) -> Result<(), Step> {
     // Nothing mounted from here on may propagate back to the host.
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .map_err(at("mount --make-rprivate /"))?;
+    // The build resolves names as its namespace can: the agent's resolvers,
+    // never a loopback one (which would be the instance's own loopback).
+    for (src, target) in &plan.binds {
+        mount(Some(src.as_c_str()), target.as_c_str(), None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(at("bind-mount the instance's resolv.conf/hosts over /etc"))?;
+    }
     // pid 1 of a new pid namespace: the inherited /proc shows the host's
     // pids; a fresh one shows the namespace's.
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;

@@ -84,6 +84,18 @@ enum Cmd {
     },
     /// Fake.ReadPath: read PATH as the daemon sees it.
     ReadPath { path: String },
+    /// Fake.Connect: TCP-connect from the daemon's network to ADDRESS (ip:port), send SEND, read the answer.
+    Connect {
+        address: String,
+        #[arg(long, default_value = "")]
+        send: String,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u32,
+    },
+    /// Fake.Bind: bind PORT on all addresses inside the daemon's network.
+    Bind { port: u32 },
+    /// Fake.Resolve: resolve NAME as the daemon's processes do.
+    Resolve { name: String },
 }
 
 /// `123`, `4K`, `4Ki`, `512M`, `2Gi` (K/M/G decimal, Ki/Mi/Gi binary).
@@ -263,6 +275,21 @@ async fn call(cmd: Cmd, ch: Channel) -> Result<Value, Failure> {
                 "elapsed_ms": secs * 1000.0,
                 "mib_per_s": if secs > 0.0 { sum.len() as f64 / (1 << 20) as f64 / secs } else { 0.0 },
             })
+        }
+        Cmd::Connect { address, send, timeout_ms } => {
+            let r = fake(ch)
+                .dial(ConnectRequest { address, send: send.into_bytes(), timeout_ms, discard: false })
+                .await?
+                .into_inner();
+            json!({"result": r.result, "error": r.error, "connect_ms": r.connect_ms, "received": String::from_utf8_lossy(&r.received)})
+        }
+        Cmd::Bind { port } => {
+            let r = fake(ch).bind(BindRequest { port, hold_ms: 0 }).await?.into_inner();
+            json!({"error": r.error, "address": r.address})
+        }
+        Cmd::Resolve { name } => {
+            let r = fake(ch).resolve(ResolveRequest { name }).await?.into_inner();
+            json!({"addresses": r.addresses, "error": r.error})
         }
         Cmd::ReadPath { path } => {
             let r = fake(ch).read_path(ReadPathRequest { path, max_bytes: 0 }).await?.into_inner();

@@ -10,6 +10,7 @@
 //! with status 1, as buildkitd does after a clean shutdown.
 
 pub mod args;
+pub mod net;
 pub mod service;
 
 use crate::proto::control::control_server::ControlServer;

@@ -329,6 +329,19 @@ impl Fake for FakeService {
         let max = if r.max_bytes == 0 { 65536 } else { r.max_bytes } as usize;
         Ok(Response::new(read_path(Path::new(&r.path), max)))
     }
+
+    async fn dial(&self, req: Request<ConnectRequest>) -> Result<Response<ConnectReply>, Status> {
+        Ok(Response::new(super::net::connect(req.into_inner()).await))
+    }
+
+    async fn bind(&self, req: Request<BindRequest>) -> Result<Response<BindReply>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(super::net::bind(r.port, r.hold_ms).await))
+    }
+
+    async fn resolve(&self, req: Request<ResolveRequest>) -> Result<Response<ResolveReply>, Status> {
+        Ok(Response::new(super::net::resolve(&req.into_inner().name).await))
+    }
 }
 
 fn read_path(path: &Path, max: usize) -> ReadPathReply {

@@ -24,6 +24,8 @@ pub struct Agent {
     pub(crate) cgroup_root: PathBuf,
     pub(crate) idmap_base: u32,
     pub(crate) idmap_count: u32,
+    pub(crate) claim: crate::netfix::SubnetClaim,
+    pub(crate) netns: Option<String>,
     pub(crate) logs: Arc<LogBuf>,
     pub(crate) proc: Mutex<Option<Proc>>,
     pub(crate) _tmp: TempDir,
@@ -43,6 +45,7 @@ impl Agent {
             idmap: None,
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             wrapper: Vec::new(),
+            netns: None,
         }
     }
 
@@ -55,7 +58,15 @@ impl Agent {
     pub(crate) fn command(&self) -> Command {
         // The HTTP endpoint (default 0.0.0.0:9411, which parallel agents
         // would fight over) takes an ephemeral loopback port; see `http_addr`.
-        let mut cmd = match self.wrapper.split_first() {
+        // A wrapper (e.g. unshare) runs the agent; a network namespace is
+        // entered first, by nsenter, around the wrapper.
+        let mut prefix: Vec<OsString> = Vec::new();
+        if let Some(ns) = &self.netns {
+            prefix.push("nsenter".into());
+            prefix.push(format!("--net=/run/netns/{ns}").into());
+        }
+        prefix.extend(self.wrapper.iter().cloned());
+        let mut cmd = match prefix.split_first() {
             Some((prog, rest)) => {
                 let mut argv = rest.to_vec();
                 argv.push(self.exe.clone().into());
@@ -168,7 +179,12 @@ impl Agent {
                 self.log_tail(40)
             ));
         }
-        Ok(socket_listening(&self.socket))
+        // /proc/net/unix lists the reader's network namespace: an agent in
+        // a namespace of its own is seen through its own /proc entry.
+        match (&self.netns, self.pid()) {
+            (Some(_), Some(pid)) => Ok(socket_listening_in(&format!("/proc/{pid}/net/unix"), &self.socket)),
+            _ => Ok(socket_listening(&self.socket)),
+        }
     }
 
     pub(crate) fn not_ready(&self, timeout: Duration) -> String {
@@ -309,7 +325,14 @@ impl Agent {
     pub fn leak_scan(&self) -> Vec<String> {
         let mut exclude = vec![std::process::id()];
         exclude.extend(self.pid());
-        leak_scan(&self.scope(), &exclude)
+        let mut out = leak_scan(&self.scope(), &exclude);
+        out.extend(crate::netfix::leak_scan(&self.state_dir, self.netns.as_deref(), &self.claim));
+        out
+    }
+
+    /// The agent's build subnet and nftables table (unique per test agent).
+    pub fn net(&self) -> &crate::netfix::SubnetClaim {
+        &self.claim
     }
 
     /// Polls [`leak_scan`](Self::leak_scan) until it is empty or `timeout`
@@ -349,8 +372,13 @@ impl Agent {
 /// takes a build slot until its idle timeout. Falls back to a connect when
 /// `/proc/net/unix` cannot be read.
 pub fn socket_listening(path: &Path) -> bool {
+    socket_listening_in("/proc/net/unix", path)
+}
+
+/// [`socket_listening`] reading the given `/proc/.../net/unix`.
+pub fn socket_listening_in(proc_net_unix: &str, path: &Path) -> bool {
     const SO_ACCEPTCON: u32 = 0x0001_0000;
-    let Ok(text) = fs::read_to_string("/proc/net/unix") else {
+    let Ok(text) = fs::read_to_string(proc_net_unix) else {
         return std::os::unix::net::UnixStream::connect(path).is_ok();
     };
     let want = path.to_string_lossy();
@@ -371,5 +399,6 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.kill_and_reap();
         cleanup(&self.scope());
+        crate::netfix::drop_table(self.netns.as_deref(), &self.claim.table);
     }
 }

@@ -78,6 +78,7 @@ pub struct AgentBuilder {
     pub(crate) cgroup_root: PathBuf,
     pub(crate) dir_args: Vec<(String, String)>,
     pub(crate) wrapper: Vec<OsString>,
+    pub(crate) netns: Option<String>,
 }
 
 impl AgentBuilder {
@@ -132,6 +133,13 @@ impl AgentBuilder {
         self
     }
 
+    /// Runs the agent in the named network namespace (`/run/netns/<ns>`,
+    /// through `nsenter --net`, which leaves the mounts alone).
+    pub fn netns(mut self, ns: &str) -> Self {
+        self.netns = Some(ns.to_string());
+        self
+    }
+
     /// Starts the agent without waiting for its socket (for start failures).
     pub fn spawn(self) -> Agent {
         let tmp = tempfile::Builder::new().prefix("berth-").tempdir().expect("tempdir");
@@ -156,6 +164,9 @@ impl AgentBuilder {
             daemon: &daemon,
             shim: &shim,
         });
+        // A build subnet and nftables table of this agent's own (see netfix).
+        let claim = crate::netfix::SubnetClaim::new();
+        args.extend(claim.args());
         if self.cgroup_root != Path::new("/sys/fs/cgroup") {
             args.push("--cgroup-root".into());
             args.push(self.cgroup_root.clone().into());
@@ -183,6 +194,8 @@ impl AgentBuilder {
             cgroup_root: self.cgroup_root,
             idmap_base,
             idmap_count,
+            claim,
+            netns: self.netns,
             logs: LogBuf::new(),
             proc: Mutex::new(None),
             _tmp: tmp,

@@ -33,6 +33,7 @@ pub struct BenchAgent {
     pub scope: LeakScope,
     pub logs: Arc<Logs>,
     pub(crate) _undo: UndoGuard,
+    pub(crate) _net: crate::netfix::SubnetClaim,
 }
 
 impl BenchAgent {
@@ -67,6 +68,9 @@ impl BenchAgent {
             args.push(a.into());
         }
         args.extend(EXTRA_AGENT_ARGS.lock().unwrap().iter().map(OsString::from));
+        // A build subnet and nftables table of its own (removed on drop).
+        let net = crate::netfix::SubnetClaim::new();
+        args.splice(1..1, net.args());
         let mut cmd = harness::agent_command(&bins.agent, &args);
         // Registered before the spawn returns a pid: a scope without a pid
         // is cleaned as well (pid 0 is never signalled: kill(0) would hit
@@ -84,7 +88,17 @@ impl BenchAgent {
         let logs = Logs::new();
         logs.capture(child.stdout.take().unwrap(), format!("agent[{name}] stdout:"), verbose());
         logs.capture(child.stderr.take().unwrap(), format!("agent[{name}]:"), verbose());
-        let agent = BenchAgent { child: Mutex::new(child), pid, live_pid, socket, state_dir, scope, logs, _undo: undo };
+        let agent = BenchAgent {
+            child: Mutex::new(child),
+            pid,
+            live_pid,
+            socket,
+            state_dir,
+            scope,
+            logs,
+            _undo: undo,
+            _net: net,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(st) = agent.exited() {
