@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admit;
+pub mod bounds;
 pub mod capacity;
 pub mod check;
 pub mod client;
@@ -47,6 +48,7 @@ pub mod run;
 pub mod shim;
 pub mod spawn;
 pub mod sys;
+pub mod trailers;
 pub mod warm;
 
 use berth_shim::cgroup::Layout;
@@ -88,6 +90,8 @@ pub struct Ctx {
     pub kubelet: watch::Sender<register::Kubelet>,
     /// This agent's ownership lock; instances record its id.
     pub owner: owner::Owner,
+    /// Connections per client (hostile-client bounds, see `bounds`).
+    pub bounds: bounds::Bounds,
 }
 
 impl Ctx {

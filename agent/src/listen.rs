@@ -123,8 +123,13 @@ async fn handle(ctx: Arc<Ctx>, stream: UnixStream, source: Source) {
     };
     let span = tracing::info_span!(parent: None, "conn", client = %client.display);
     async move {
-        match admit(&ctx, &client, &stream).await {
-            Ok(guard) => {
+        // Per-client connection cap (bounds); the ticket lives as long as the connection.
+        let admitted = match crate::bounds::open(&ctx, &client) {
+            Ok(ticket) => admit(&ctx, &client, &stream).await.map(|g| (g, ticket)),
+            Err(e) => Err(e),
+        };
+        match admitted {
+            Ok((guard, _ticket)) => {
                 let inst = guard.instance.clone();
                 let span = tracing::info_span!("proxy", instance = %inst.id);
                 match proxy::pipe(stream, &inst).instrument(span).await {

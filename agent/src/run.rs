@@ -76,6 +76,7 @@ fn prepare_state(state: &Path) -> Result<(), RunError> {
 }
 
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
+    crate::bounds::raise_nofile();
     // Absolute: the shim execs it from inside the instance's root dir.
     let daemon = which(&args.host.daemon)
         .and_then(|p| std::fs::canonicalize(p).ok())
@@ -143,6 +144,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         kubelet: watch::Sender::new(crate::register::Kubelet::Off),
         owner: crate::owner::Owner::acquire(&args.host.state_dir)
             .map_err(|e| RunError::StateDir(format!("agent lock: {e}")))?,
+        bounds: Default::default(),
         run: args,
     });
     ctx.refresh_gauges();
