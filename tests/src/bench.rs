@@ -1,4 +1,4 @@
-//! berth-bench: the six figures of issue 8, each against a baseline
+//! berth-bench: the six figures of issue 8 and the flood of issue 18, each against a baseline
 //! measured in the same run, printed as one table.
 //!
 //! ```text
@@ -15,6 +15,7 @@
 #[macro_use]
 pub mod env;
 pub mod concurrency;
+pub mod flood;
 pub mod footprint;
 pub mod proxy;
 pub mod report;
@@ -34,7 +35,7 @@ use std::time::Instant;
 #[derive(Parser, Debug)]
 #[command(
     name = "berth-bench",
-    about = "berth's benchmark suite: start, throughput, wipe, footprint, concurrency, warm pool"
+    about = "berth's benchmark suite: start, throughput, wipe, footprint, concurrency, warm pool, flood"
 )]
 struct Cli {
     /// Full sizes and iteration counts (the default).
@@ -43,7 +44,7 @@ struct Cli {
     /// Few iterations and small sizes: proves every figure works, measures nothing.
     #[arg(long)]
     quick: bool,
-    /// Only these figures (comma-separated: start,throughput,wipe,footprint,concurrency,warm).
+    /// Only these figures (comma-separated: start,throughput,wipe,footprint,concurrency,warm,flood).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Also write the rows, per-figure details and machine facts as JSON here.
@@ -149,7 +150,7 @@ pub struct Figure {
     pub details: Value,
 }
 
-pub const FIGURES: [&str; 6] = ["start", "throughput", "wipe", "footprint", "concurrency", "warm"];
+pub const FIGURES: [&str; 7] = ["start", "throughput", "wipe", "footprint", "concurrency", "warm", "flood"];
 
 async fn run_figure(name: &str, ctx: &Ctx) -> Result<Figure> {
     match name {
@@ -159,6 +160,7 @@ async fn run_figure(name: &str, ctx: &Ctx) -> Result<Figure> {
         "footprint" => footprint::run(ctx).await,
         "concurrency" => concurrency::run(ctx).await,
         "warm" => warm::run(ctx).await,
+        "flood" => flood::run(ctx).await,
         other => anyhow::bail!("unknown figure {other}"),
     }
 }
