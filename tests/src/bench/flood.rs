@@ -10,9 +10,9 @@
 use crate::bench::env::{rss, BenchAgent, CALL_TIMEOUT};
 use crate::bench::report::{Goal, Row};
 use crate::bench::{Ctx, Figure};
+use crate::proto::fake::fake_client::FakeClient;
+use crate::proto::fake::PingRequest;
 use anyhow::{bail, Context, Result};
-use berth_tests::proto::fake::fake_client::FakeClient;
-use berth_tests::proto::fake::PingRequest;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use std::os::unix::process::CommandExt;
@@ -40,7 +40,7 @@ fn nofile_soft(pid: u32) -> Option<u64> {
 
 /// A fresh client's ping as uid `uid`, timed from spawn to exit.
 async fn ping_as(socket: &Path, uid: u32) -> Result<f64> {
-    let exe = berth_tests::harness::bin_path("fakeclient");
+    let exe = crate::harness::bin_path("fakeclient");
     let mut cmd = std::process::Command::new(&exe);
     cmd.arg("--socket").arg(socket).args(["--timeout", "30", "ping"]).uid(uid).gid(uid);
     let t0 = Instant::now();
