@@ -40,7 +40,7 @@ pub async fn admit(ctx: &Arc<Ctx>, client: &Client, stream: &UnixStream) -> Resu
             }
             // Disk hook: no new instance while the state dir's disk is low.
             crate::disk::admit(ctx)?;
-            let permit = wait_slot(ctx, stream).await?;
+            let permit = wait_slot(ctx, client, stream).await?;
             attach(ctx, client, Some(permit))?.expect("attach with a permit always yields an instance")
         }
     };
@@ -90,13 +90,18 @@ fn attach(
 }
 
 /// Takes a free slot, or queues for one (see queue.rs).
-async fn wait_slot(ctx: &Arc<Ctx>, stream: &UnixStream) -> Result<OwnedSemaphorePermit, AdmitError> {
+async fn wait_slot(ctx: &Arc<Ctx>, client: &Client, stream: &UnixStream) -> Result<OwnedSemaphorePermit, AdmitError> {
     if *ctx.draining.borrow() {
         return Err(AdmitError::Draining(ctx.node_name.clone()));
     }
     let (size, timeout) = (ctx.run.queue_size, ctx.run.queue_timeout);
     let n = ctx.slots_total;
     let full = |what: String| AdmitError::Exhausted(format!("node {}: {n}/{n} builds running, {what}", ctx.node_name));
+    if let Ok(p) = ctx.slots.clone().try_acquire_owned() {
+        return Ok(p);
+    }
+    // Hook (bounds): the connections queued clients hold are capped.
+    let _held = crate::bounds::enter_queue(ctx, client).map_err(full)?;
     match queue::take_slot(&ctx.slots, &ctx.queued, size, timeout, || hung_up(stream)).await {
         Ok(p) => Ok(p),
         Err(QueueError::Full) => Err(full("queue full".into())),

@@ -270,6 +270,12 @@ pub struct RunArgs {
     /// Clients beyond the slots wait in a FIFO queue of at most this many; 0: no queue.
     #[arg(long, env = "BERTH_QUEUE_SIZE", default_value_t = 16)]
     pub queue_size: usize,
+    /// Connections one client may hold open at once (1-256); more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "BERTH_MAX_CLIENT_CONNECTIONS", default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
+    pub max_client_connections: usize,
+    /// Connections the clients waiting in the queue may hold together.
+    #[arg(long, env = "BERTH_MAX_QUEUED_CONNECTIONS", default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_queued_connections: usize,
     /// The longest a client waits in the queue.
     #[arg(long, env = "BERTH_QUEUE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
     pub queue_timeout: Duration,

@@ -5,6 +5,7 @@
 //! onto kubelet's target path. The pod's instance starts at its first
 //! connection and is reaped when idle, and always at unpublish.
 
+pub mod controller;
 pub mod identity;
 pub mod node;
 pub mod target;
@@ -184,8 +185,9 @@ impl Csi {
     }
 }
 
-/// Serves Identity and Node on the CSI endpoint until the agent shuts down.
+/// Serves Identity, Node (and an empty Controller) on the CSI endpoint until the agent shuts down.
 pub async fn serve(csi: Arc<Csi>, l: tokio::net::UnixListener, endpoint: PathBuf) -> Result<(), String> {
+    use crate::proto::csi_v1::controller_server::ControllerServer;
     use crate::proto::csi_v1::identity_server::IdentityServer;
     use crate::proto::csi_v1::node_server::NodeServer;
     info!(endpoint = %endpoint.display(), driver = %csi.ctx.run.csi_driver_name, "serving CSI");
@@ -194,6 +196,8 @@ pub async fn serve(csi: Arc<Csi>, l: tokio::net::UnixListener, endpoint: PathBuf
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity::Identity(csi.clone())))
         .add_service(NodeServer::new(node::Node(csi.clone())))
+        // Only ControllerGetCapabilities (empty), for generic CSI clients.
+        .add_service(ControllerServer::new(controller::Controller))
         .serve_with_incoming_shutdown(incoming, async move { crate::raised(&mut shutdown).await })
         .await
         .map_err(|e| format!("CSI server on {}: {e}", endpoint.display()))

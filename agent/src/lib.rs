@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admit;
+pub mod bounds;
 pub mod capacity;
 pub mod check;
 pub mod client;
@@ -49,6 +50,7 @@ pub mod run;
 pub mod shim;
 pub mod spawn;
 pub mod sys;
+pub mod trailers;
 pub mod warm;
 
 use berth_shim::cgroup::Layout;
@@ -94,6 +96,8 @@ pub struct Ctx {
     pub owner: owner::Owner,
     /// The isolated build network (`--build-network isolated`), else None.
     pub network: Option<network::Network>,
+    /// Connections per client (hostile-client bounds, see `bounds`).
+    pub bounds: bounds::Bounds,
 }
 
 impl Ctx {

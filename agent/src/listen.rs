@@ -125,11 +125,19 @@ async fn handle(ctx: Arc<Ctx>, stream: UnixStream, source: Source) {
     };
     let span = tracing::info_span!(parent: None, "conn", client = %client.display);
     async move {
-        match admit(&ctx, &client, &stream).await {
-            Ok(guard) => {
+        // Per-client connection cap (bounds); the ticket lives as long as the connection.
+        // The stages' futures are boxed: a task is as large as its largest
+        // state, and a flood of refused connections should not each carry
+        // the proxy's and admission's state.
+        let admitted = match crate::bounds::open(&ctx, &client) {
+            Ok(ticket) => Box::pin(admit(&ctx, &client, &stream)).await.map(|g| (g, ticket)),
+            Err(e) => Err(e),
+        };
+        match admitted {
+            Ok((guard, _ticket)) => {
                 let inst = guard.instance.clone();
                 let span = tracing::info_span!("proxy", instance = %inst.id);
-                match proxy::pipe(stream, &inst).instrument(span).await {
+                match Box::pin(proxy::pipe(stream, &inst).instrument(span)).await {
                     Ok((up, down)) => {
                         ctx.metrics.proxied(up, down);
                         debug!(instance = %inst.id, up, down, "connection closed")
@@ -147,7 +155,7 @@ async fn handle(ctx: Arc<Ctx>, stream: UnixStream, source: Source) {
             Err(e) => {
                 ctx.metrics.refused(e.metric_label());
                 warn!(error = %e, "connection refused");
-                refuse::refuse(stream, e.to_status()).await;
+                Box::pin(refuse::refuse(stream, e.to_status())).await;
             }
         }
     }

@@ -13,12 +13,18 @@ use crate::instance::Instance;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
-/// Buffer per direction. Larger than tokio's 8 KiB default: layer blobs move
-/// in big writes and fewer syscalls matter for the throughput goal.
-const BUF: usize = 256 * 1024;
+/// Buffers per direction grow with the traffic. An idle connection holds
+/// none (it waits for readiness, then reads), so a client holding many idle
+/// connections costs the agent a few KiB each (invariant 6). A wake-up reads
+/// into SMALL; a read that fills it means data is flowing, and the direction
+/// moves to BIG until the socket is drained: layer blobs move in big writes
+/// and fewer syscalls matter for the throughput goal.
+const SMALL: usize = 16 * 1024;
+const BIG: usize = 256 * 1024;
 /// How long a dead instance's reason may take to arrive (the shim reports
 /// after its wipe).
 const NOTE_WAIT: Duration = Duration::from_secs(3);
@@ -61,30 +67,37 @@ pub async fn pipe(client: UnixStream, inst: &Instance) -> io::Result<(u64, u64)>
 
 /// Copies until EOF or an error on either side; returns the bytes moved and
 /// whether the reader reached a clean EOF (rather than the writer failing).
-async fn copy<R, W>(r: &mut R, w: &mut W, mut seen: impl FnMut(&[u8])) -> (u64, bool)
-where
-    R: AsyncReadExt + Unpin,
-    W: AsyncWriteExt + Unpin,
-{
-    let mut buf = vec![0u8; BUF];
+async fn copy(r: &mut OwnedReadHalf, w: &mut OwnedWriteHalf, mut seen: impl FnMut(&[u8])) -> (u64, bool) {
     let mut total = 0;
     loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) => return (total, true),
-            Err(_) => return (total, false),
-            Ok(n) => n,
-        };
-        seen(&buf[..n]);
-        if w.write_all(&buf[..n]).await.is_err() {
+        if r.readable().await.is_err() {
             return (total, false);
         }
-        total += n as u64;
+        // Allocated per burst, freed when the socket is drained.
+        let mut buf = vec![0u8; SMALL];
+        loop {
+            let n = match r.try_read(&mut buf) {
+                Ok(0) => return (total, true),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => return (total, false),
+            };
+            seen(&buf[..n]);
+            if w.write_all(&buf[..n]).await.is_err() {
+                return (total, false);
+            }
+            total += n as u64;
+            if n == buf.len() && buf.len() < BIG {
+                buf = vec![0u8; BIG];
+            }
+        }
     }
 }
 
 /// Tracks HTTP/2 frame boundaries in a byte stream without keeping data.
+/// Public for the fuzz target (it reads a daemon's bytes).
 #[derive(Debug, Default)]
-struct Frames {
+pub struct Frames {
     header: [u8; 9],
     have: usize,
     /// Payload bytes left in the current frame.
@@ -94,7 +107,7 @@ struct Frames {
 }
 
 impl Frames {
-    fn feed(&mut self, mut b: &[u8]) {
+    pub fn feed(&mut self, mut b: &[u8]) {
         while !b.is_empty() && !self.broken {
             if self.left > 0 {
                 let n = self.left.min(b.len());
@@ -120,11 +133,11 @@ impl Frames {
         }
     }
 
-    fn at_boundary(&self) -> bool {
+    pub fn at_boundary(&self) -> bool {
         self.have == 0 && self.left == 0 && !self.broken
     }
 
-    fn is_h2(&self) -> bool {
+    pub fn is_h2(&self) -> bool {
         self.first_type == Some(SETTINGS) && !self.broken
     }
 }

@@ -80,6 +80,7 @@ fn prepare_state(state: &Path) -> Result<(), RunError> {
 }
 
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
+    crate::bounds::raise_nofile();
     // The daemon, absolute (the shim execs it from inside the instance's
     // dir), runc and the daemon's PATH: found as `check` finds them.
     let tools = crate::spawn::tools::resolve(&args.host.daemon, std::env::var_os("PATH").as_deref())?;
@@ -164,6 +165,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         owner: crate::owner::Owner::acquire(&args.host.state_dir)
             .map_err(|e| RunError::StateDir(format!("agent lock: {e}")))?,
         network,
+        bounds: Default::default(),
         run: args,
     });
     ctx.refresh_gauges();

@@ -1,4 +1,5 @@
-//! berth-bench: the six figures of issue 8 and the disk limit's (issue 13), each against a baseline
+//! berth-bench: the six figures of issue 8, the disk limit's (issue 13), the isolated network's
+//! (issue 12) and the flood of issue 18, each against a baseline
 //! measured in the same run, printed as one table.
 //!
 //! ```text
@@ -16,6 +17,7 @@
 pub mod env;
 pub mod concurrency;
 pub mod disk;
+pub mod flood;
 pub mod footprint;
 pub mod network;
 pub mod proxy;
@@ -36,7 +38,7 @@ use std::time::Instant;
 #[derive(Parser, Debug)]
 #[command(
     name = "berth-bench",
-    about = "berth's benchmark suite: start, throughput, wipe, footprint, concurrency, warm pool"
+    about = "berth's benchmark suite: start, throughput, wipe, footprint, concurrency, warm pool, flood"
 )]
 struct Cli {
     /// Full sizes and iteration counts (the default).
@@ -45,7 +47,7 @@ struct Cli {
     /// Few iterations and small sizes: proves every figure works, measures nothing.
     #[arg(long)]
     quick: bool,
-    /// only these figures (comma-separated: start,throughput,wipe,footprint,concurrency,warm,disk).
+    /// only these figures (comma-separated: start,throughput,wipe,footprint,concurrency,warm,disk,network,flood).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Also write the rows, per-figure details and machine facts as JSON here.
@@ -151,7 +153,8 @@ pub struct Figure {
     pub details: Value,
 }
 
-pub const FIGURES: [&str; 8] = ["start", "throughput", "wipe", "footprint", "concurrency", "warm", "disk", "network"];
+pub const FIGURES: [&str; 9] =
+    ["start", "throughput", "wipe", "footprint", "concurrency", "warm", "disk", "network", "flood"];
 
 async fn run_figure(name: &str, ctx: &Ctx) -> Result<Figure> {
     match name {
@@ -163,6 +166,7 @@ async fn run_figure(name: &str, ctx: &Ctx) -> Result<Figure> {
         "warm" => warm::run(ctx).await,
         "disk" => disk::run(ctx).await,
         "network" => network::run(ctx).await,
+        "flood" => flood::run(ctx).await,
         other => anyhow::bail!("unknown figure {other}"),
     }
 }

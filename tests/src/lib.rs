@@ -6,6 +6,8 @@
 //! - [`pattern`]: the deterministic byte stream `Fake.Stream` sends, and its checksum.
 //! - [`fakekitd`]: the stand-in build daemon (the `fakekitd` binary is a thin main).
 //! - [`kubelet`]: kubelet's side: its plugin watcher and CSI requests, played by the CSI suites.
+//! - [`fuzz`]: the bodies of the fuzz targets in `<workspace>/fuzz`, replayed over
+//!   the committed corpus by `tests/fuzz_corpus.rs`.
 //! - [`harness`]: drives the real `berth-agent`, `berth-shim`, `fakekitd` and
 //!   `fakeclient` binaries for the end-to-end suites in `tests/`.
 //! - [`bench`]: the benchmark suite (the `berth-bench` binary is a thin main);
@@ -14,6 +16,7 @@
 pub mod bench;
 pub mod disk_leaks;
 pub mod fakekitd;
+pub mod fuzz;
 pub mod grpc;
 pub mod harness;
 pub mod kubelet;

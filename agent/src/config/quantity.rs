@@ -133,7 +133,10 @@ pub fn format_bytes(b: u64) -> String {
             return format!("{}{unit}", b / size);
         }
     }
-    if b >= 1 << 20 {
+    // Rounded to a tenth of a MiB only below 2^53, where f64 is exact:
+    // above it the rounding can go past u64::MAX, and the rendering would
+    // no longer read back as a size (found by fuzz/quantity).
+    if b >= 1 << 20 && b < 1 << 53 {
         return format!("{:.1}Mi", b as f64 / (1u64 << 20) as f64);
     }
     b.to_string()
@@ -188,6 +191,9 @@ mod tests {
         assert_eq!(format_bytes(2 << 30), "2Gi");
         assert_eq!(format_bytes(512 << 20), "512Mi");
         assert_eq!(format_bytes(1000), "1000");
+        // Reads back as a size at the top of the range too.
+        assert_eq!(format_bytes(u64::MAX), u64::MAX.to_string());
+        assert_eq!(parse_bytes(&format_bytes(u64::MAX)).unwrap(), u64::MAX);
     }
 
     #[test]
