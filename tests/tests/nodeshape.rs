@@ -21,7 +21,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const CG: &str = "/sys/fs/cgroup";
 /// Bounds for waits that succeed in seconds natively; the VM lane emulates
@@ -439,7 +439,16 @@ fn privileged_pod(cgroupns: bool) {
     assert!(m.is_empty(), "no process but the agent moved: {m:?}");
 
     // `kubectl exec <pod> -- berth-agent check`: joins the live agent's
-    // cgroup and namespaces; it must leave the tree as it was.
+    // cgroup and namespaces; it must leave the tree as it was. The ping's
+    // client is not visible from the agent's pid namespace, so its instance
+    // ends with its connection: compare once that end has settled.
+    let settled = Instant::now() + Duration::from_secs(60);
+    let busy = |t: Vec<(String, String, String)>| {
+        t.iter().any(|(name, procs, _)| name.starts_with("berth-") || (name == "agent" && procs.contains('\n')))
+    };
+    while busy(tree(&ctr.path)) && Instant::now() < settled {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let live = tree(&ctr.path);
     let mut exec = Command::new("sh");
     exec.arg("-c")

@@ -15,6 +15,8 @@ grep -q cgroup2 /proc/mounts && ! grep -q ' cgroup ' /proc/mounts || echo "berth
 # /tmp on the root disk, as on a node (tests put state dirs there, and
 # `check` rightly warns about a state dir on tmpfs).
 umount /tmp 2>/dev/null && chmod 1777 /tmp
+# Plain init brings no interface up; the agents bind their HTTP port on loopback.
+ip link set lo up
 for c in cpu memory pids io; do echo "+$c" >/sys/fs/cgroup/cgroup.subtree_control; done
 echo "berth-vm guest: root passes on: $(cat /sys/fs/cgroup/cgroup.subtree_control)"
 

@@ -160,6 +160,11 @@ fn setup(plan: &Plan) -> Result<(), Step> {
     // The build resolves names as its namespace can: the agent's resolvers,
     // never a loopback one (which would be the instance's own loopback).
     for (src, target) in &plan.binds {
+        // A host without the file (a minimal image with no /etc/resolv.conf)
+        // has nothing to hide from the build: nothing to bind over.
+        if nix::sys::stat::lstat(target.as_c_str()).is_err() {
+            continue;
+        }
         mount(Some(src.as_c_str()), target.as_c_str(), None::<&str>, MsFlags::MS_BIND, None::<&str>)
             .map_err(at("bind-mount the instance's resolv.conf/hosts over /etc"))?;
     }
