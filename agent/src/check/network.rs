@@ -25,7 +25,11 @@ pub fn checks(net: &NetArgs, proc_root: &Path) -> Vec<Item> {
 /// beyond network namespaces.
 fn veth() -> Item {
     const N: &str = "veth";
-    let name = format!("bkchk{}", std::process::id() % 100_000);
+    // Unique per probe: two checks in one process (the unit tests run in
+    // parallel threads) must not collide on the name (EEXIST).
+    static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 100;
+    let name = format!("bkchk{}x{n}", std::process::id() % 100_000);
     let res =
         tokio::runtime::Builder::new_current_thread().enable_io().build().map_err(|e| e.to_string()).and_then(|rt| {
             rt.block_on(async {
