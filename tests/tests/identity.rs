@@ -68,10 +68,17 @@ fn token(v: &Value) -> String {
     v["token"].as_str().unwrap_or_else(|| panic!("no token in {v}")).to_string()
 }
 
+/// The idle timeout of the agents here: long enough that one client's next
+/// connection (a new fakeclient process) finds its instance still there,
+/// stretched with the harness's waits under emulation (the v2 lane).
+fn idle_timeout() -> String {
+    format!("{}s", 3 * berth_tests::harness::time_scale())
+}
+
 fn own_pidns_agent(name: &str) -> Agent {
     Agent::builder(name)
         .wrapper(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"])
-        .args(["--max-builds", "4", "--idle-timeout", "3s"])
+        .args(["--max-builds", "4", "--idle-timeout", &idle_timeout()])
         .start()
 }
 
@@ -102,7 +109,9 @@ async fn hidden_host_clients_in_different_cgroups_never_share() {
         .wait_log(|v| v["message"].as_str().is_some_and(|m| m.contains("hostPID: true")), WAIT)
         .unwrap_or_else(|| panic!("no hostPID hint:\n{}", agent.log_tail(40)));
     assert_eq!(warn["level"], "WARN", "{warn}");
-    assert!(warn["reason"].as_str().unwrap().contains("host's pid namespace"), "{warn}");
+    // A kernel before 6.11 cannot tell the host's pid namespace from a pod's.
+    let why = if kernel_names_hidden_peers() { "host's pid namespace" } else { "needs Linux 6.11" };
+    assert!(warn["reason"].as_str().unwrap().contains(why), "{warn}");
     let hints = agent.logs().iter().filter(|v| v["message"].as_str().is_some_and(|m| m.contains("hostPID"))).count();
     assert_eq!(hints, 1, "the hint must be logged once");
     // Their instances end with their connections, not after the idle timeout.
@@ -118,9 +127,21 @@ async fn hidden_host_clients_in_different_cgroups_never_share() {
     stop(&agent).await;
 }
 
+/// Whether this kernel lets the agent open a hidden peer's namespaces
+/// through its pidfd (SO_PEERPIDFD, 6.5, and PIDFD_GET_*_NAMESPACE, 6.11).
+/// The cgroup v2 lane's Debian 12 VM runs 6.1, where the agent must fall back.
+fn kernel_names_hidden_peers() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("read /proc/sys/kernel/osrelease");
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (6, 11)
+}
+
 /// Clients in pid namespaces of their own (another pod's containers, as seen
 /// from an agent without hostPID): identified by their mount namespace, so a
-/// client's connections share its instance and two clients never do.
+/// client's connections share its instance and two clients never do. On a
+/// kernel that cannot name them (before 6.11) every connection is a client of
+/// its own, never merged with another, and the agent says how to fix it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hidden_pod_clients_are_told_apart_by_namespace() {
     let agent = own_pidns_agent("ident-pod");
@@ -132,20 +153,36 @@ async fn hidden_pod_clients_are_told_apart_by_namespace() {
     assert_eq!((ra.len(), rb.len()), (2, 1), "{ra:?} {rb:?}");
     let (a1, a2, b1) = (token(&ra[0]), token(&ra[1]), token(&rb[0]));
     assert_ne!(a1, b1, "two pods in different cgroups got the same instance");
-    assert_eq!(a1, a2, "one pod's two connections reached two instances");
+    let named = kernel_names_hidden_peers();
+    let expected_ends = if named {
+        assert_eq!(a1, a2, "one pod's two connections reached two instances");
+        2
+    } else {
+        eprintln!("NOTE: kernel before 6.11: hidden peers cannot be named; checking the safe fallback (never merged)");
+        assert_ne!(a1, a2, "a peer the kernel cannot name shared an instance with another connection");
+        3
+    };
     let ends = berth_tests::harness::poll(WAIT, Duration::from_millis(50), || {
         let e = agent.instance_ends();
-        (e.len() >= 2).then_some(e)
+        (e.len() >= expected_ends).then_some(e)
     })
-    .unwrap_or_else(|| panic!("2 instance ends expected:\n{}", agent.log_tail(40)));
+    .unwrap_or_else(|| panic!("{expected_ends} instance ends expected:\n{}", agent.log_tail(40)));
     for e in &ends {
-        assert_eq!(e["reason"], "idle", "{e}");
-        assert!(e["client"].as_str().unwrap_or("").contains("mntns="), "{e}");
+        // A client of its own per connection ends with its connection.
+        assert_eq!(e["reason"], if named { "idle" } else { "closed" }, "{e}");
+        let client = e["client"].as_str().unwrap_or("");
+        if named {
+            assert!(client.contains("mntns="), "{e}");
+        } else {
+            assert!(client.contains("needs Linux 6.11"), "{e}");
+        }
     }
-    assert!(
-        !agent.logs().iter().any(|v| v["message"].as_str().is_some_and(|m| m.contains("hostPID"))),
-        "identified clients must not trigger the hostPID hint"
-    );
+    let hinted = agent.logs().iter().any(|v| v["message"].as_str().is_some_and(|m| m.contains("hostPID")));
+    if named {
+        assert!(!hinted, "identified clients must not trigger the hostPID hint");
+    } else {
+        assert!(hinted, "unnamed clients must trigger the hostPID hint:\n{}", agent.log_tail(40));
+    }
     stop(&agent).await;
 }
 
@@ -154,7 +191,7 @@ async fn hidden_pod_clients_are_told_apart_by_namespace() {
 /// cgroups never do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn visible_clients_are_told_apart_by_cgroup() {
-    let agent = Agent::builder("ident-visible").args(["--max-builds", "4", "--idle-timeout", "3s"]).start();
+    let agent = Agent::builder("ident-visible").args(["--max-builds", "4", "--idle-timeout", &idle_timeout()]).start();
     let (a, b) = (ClientCgroup::new("vis-a"), ClientCgroup::new("vis-b"));
     let ping = ping_line(&agent);
     let ra = run(&[], &format!("{} && {ping} && {ping}", a.enter()));

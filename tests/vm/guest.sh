@@ -8,8 +8,13 @@ set -u
 R=/results
 export HOME=/root RUST_BACKTRACE=1 BERTH_IN_VM=1
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# berth.timescale=<n> on the kernel command line (tests/vm/run.sh): the
+# harness's waits are stretched n times under software emulation.
+for a in $(cat /proc/cmdline); do
+  case $a in berth.timescale=*) export BERTH_TEST_TIME_SCALE=${a#berth.timescale=} ;; esac
+done
 
-echo "berth-vm guest: kernel $(uname -r), $(nproc) cpus, $(awk '/MemTotal/ {print $2 " kB"}' /proc/meminfo)"
+echo "berth-vm guest: kernel $(uname -r), $(nproc) cpus, $(awk '/MemTotal/ {print $2 " kB"}' /proc/meminfo), test waits x${BERTH_TEST_TIME_SCALE:-1}"
 echo "berth-vm guest: cgroup2 controllers: $(cat /sys/fs/cgroup/cgroup.controllers)"
 grep -q cgroup2 /proc/mounts && ! grep -q ' cgroup ' /proc/mounts || echo "berth-vm guest: WARNING: not cgroup v2 only"
 # /tmp on the root disk, as on a node (tests put state dirs there, and

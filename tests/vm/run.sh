@@ -19,6 +19,7 @@ cache=${BERTH_VM_CACHE:-/var/cache/berth-vm}
 mem=${BERTH_VM_MEMORY:-3072}
 cpus=${BERTH_VM_CPUS:-2}
 timeout=${BERTH_VM_TIMEOUT:-2400}
+scale=1
 log() { echo "berth-vm: $*" >&2; }
 
 for tool in qemu-system-x86_64 debootstrap mkfs.ext4; do
@@ -64,7 +65,7 @@ boot() {
     -machine q35 -accel "$accel" "${cpu[@]}" -smp "$cpus" -m "$mem" \
     -display none -monitor none -serial "file:$console" -no-reboot -nic none \
     -kernel "$image/vmlinuz" -initrd "$image/initrd.img" \
-    -append "root=/dev/vda rw console=ttyS0 init=/sbin/berth-init panic=-1 cgroup_no_v1=all systemd.unified_cgroup_hierarchy=1 berth.work=$work berth.target=$target" \
+    -append "root=/dev/vda rw console=ttyS0 init=/sbin/berth-init panic=-1 cgroup_no_v1=all systemd.unified_cgroup_hierarchy=1 berth.work=$work berth.target=$target berth.timescale=$scale" \
     -drive "file=$image/rootfs.ext4,format=raw,if=virtio,snapshot=on" \
     -virtfs "local,path=$work,mount_tag=work,security_model=none,readonly=on" \
     -virtfs "local,path=$stage,mount_tag=target,security_model=none,readonly=on" \
@@ -89,7 +90,10 @@ if [[ -w /dev/kvm && ${BERTH_VM_ACCEL:-} != tcg ]]; then
   [[ $(cat "$probe") == kvm ]] && accel=kvm
 fi
 [[ -n ${BERTH_VM_ACCEL:-} ]] && accel=$BERTH_VM_ACCEL
-log "booting ($accel, $cpus cpus, $mem MiB); results in $results"
+# Under software emulation everything runs several times slower (an agent
+# takes ~10 s to start): the harness stretches its waits by this factor.
+[[ $accel == tcg* ]] && scale=${BERTH_VM_TIME_SCALE:-6}
+log "booting ($accel, $cpus cpus, $mem MiB, test waits x$scale); results in $results"
 
 t1=$(date +%s)
 rc=0

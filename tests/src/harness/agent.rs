@@ -200,7 +200,7 @@ impl Agent {
     /// connection is made); an error (with the agent's
     /// last output) if the agent exits first or `timeout` passes.
     pub fn wait_ready(&self, timeout: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + super::logs::scaled(timeout);
         loop {
             if self.ready_now()? {
                 return Ok(());
@@ -213,7 +213,7 @@ impl Agent {
     }
 
     pub async fn wait_ready_async(&self, timeout: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + super::logs::scaled(timeout);
         loop {
             if self.ready_now()? {
                 return Ok(());
@@ -284,7 +284,7 @@ impl Agent {
     }
     /// [`wait_log_since`](Self::wait_log_since) without blocking the async runtime.
     pub async fn wait_log_async(&self, mark: usize, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Option<Value> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + super::logs::scaled(timeout);
         loop {
             if let Some((_, v)) = self.logs.find_from(mark, &pred) {
                 return Some(v);
@@ -299,7 +299,7 @@ impl Agent {
     /// bound, from its log line with an `http_addr` field (the latest agent
     /// process's, after a restart); `None` if not logged within `timeout`.
     pub fn http_addr(&self, timeout: Duration) -> Option<std::net::SocketAddr> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + super::logs::scaled(timeout);
         loop {
             let found = self
                 .logs()

@@ -63,6 +63,12 @@ pub fn agent_command(exe: &Path, args: &[OsString]) -> Command {
             cmd.env_remove(&k);
         }
     }
+    // Under emulation (the v2 lane) an instance takes ~30 s to answer: the
+    // agent's own start timeout stretches with the harness's waits. A test's
+    // own --start-timeout or env still wins.
+    if super::logs::time_scale() > 1 {
+        cmd.env("BERTH_START_TIMEOUT", format!("{}s", 30 * super::logs::time_scale()));
+    }
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd
 }

@@ -9,10 +9,23 @@ use std::io::{BufRead, BufReader, Read};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+/// How much slower this machine runs the suites than the ones the waits
+/// were sized on: `BERTH_TEST_TIME_SCALE` (a whole number, 1 to 20). The
+/// cgroup v2 lane sets it when its VM runs under software emulation (TCG),
+/// where an agent takes ~10 s to start; a plain run keeps every wait as is.
+pub fn time_scale() -> u32 {
+    std::env::var("BERTH_TEST_TIME_SCALE").ok().and_then(|v| v.trim().parse::<u32>().ok()).unwrap_or(1).clamp(1, 20)
+}
+
+/// A wait of the harness, stretched by [`time_scale`].
+pub fn scaled(d: Duration) -> Duration {
+    d * time_scale()
+}
+
 /// Calls `f` every `every` until it yields a value or `timeout` passes
 /// (then one last call decides).
 pub fn poll<T>(timeout: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + scaled(timeout);
     loop {
         if let Some(v) = f() {
             return Some(v);
@@ -26,7 +39,7 @@ pub fn poll<T>(timeout: Duration, every: Duration, mut f: impl FnMut() -> Option
 
 /// [`poll`] without blocking the async runtime.
 pub async fn poll_async<T>(timeout: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + scaled(timeout);
     loop {
         if let Some(v) = f() {
             return Some(v);
@@ -180,7 +193,7 @@ impl LogBuf {
 
     /// [`find_from`](Self::find_from), blocking up to `timeout` for the line.
     pub fn wait_blocking(&self, from: usize, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Option<Value> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + scaled(timeout);
         let mut g = self.lines.lock().unwrap();
         let mut seen = from;
         loop {
@@ -204,7 +217,7 @@ impl LogBuf {
         pred: impl Fn(&Value) -> bool,
         timeout: Duration,
     ) -> Option<(Instant, Value)> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = tokio::time::Instant::now() + scaled(timeout);
         loop {
             let notified = self.notify.notified();
             if let Some(hit) = self.find_from(from, &pred) {
@@ -223,7 +236,7 @@ impl LogBuf {
 
     /// Waits until at least `n` lines from `from` on match `pred`.
     pub async fn wait_count(&self, from: usize, n: usize, pred: impl Fn(&Value) -> bool, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = tokio::time::Instant::now() + scaled(timeout);
         loop {
             let notified = self.notify.notified();
             if self.count(from, &pred) >= n {
