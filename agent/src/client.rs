@@ -9,11 +9,22 @@ pub struct Client {
     pub key: String,
     /// For logs: uid, pid and cgroup of the peer.
     pub display: String,
+    /// The pod, when the client is one known from a CSI volume context: the
+    /// object Kubernetes Events about its instance are posted on.
+    pub pod: Option<PodRef>,
+}
+
+/// A pod as the API names it (from the CSI volume context, podInfoOnMount).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
 }
 
 impl Client {
     pub fn new(key: impl Into<String>, display: impl Into<String>) -> Client {
-        Client { key: key.into(), display: display.into() }
+        Client { key: key.into(), display: display.into(), pod: None }
     }
 
     /// The client that is one connection (connection scope, or a node-socket

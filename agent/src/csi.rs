@@ -45,6 +45,11 @@ impl Publication {
                 "pod={}/{} uid={} sa={}",
                 self.pod.namespace, self.pod.name, self.pod.uid, self.pod.service_account
             ),
+            pod: Some(crate::client::PodRef {
+                namespace: self.pod.namespace.clone(),
+                name: self.pod.name.clone(),
+                uid: self.pod.uid.clone(),
+            }),
         }
     }
 }

@@ -98,6 +98,8 @@ pub struct Ctx {
     pub network: Option<network::Network>,
     /// Connections per client (hostile-client bounds, see `bounds`).
     pub bounds: bounds::Bounds,
+    /// Kubernetes Events on pods whose instance ended (see `reap::post`).
+    pub events: reap::post::Events,
 }
 
 impl Ctx {

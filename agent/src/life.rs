@@ -57,6 +57,7 @@ async fn run_life(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> EndReason {
                 ctx.registry.note_failure(&inst.client(), &e);
             }
             ctx.registry.unregister(inst, true);
+            reap::pod_event(ctx, inst, EndReason::Error, Some(&e.to_string()));
             inst.set_phase(Phase::Failed(e));
             return EndReason::Error;
         }

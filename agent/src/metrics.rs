@@ -16,6 +16,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabel {
     pub direction: String,
 }
@@ -37,6 +42,8 @@ pub struct Metrics {
     pub limit_hits: Family<ReasonLabel, Counter>,
     /// 1 while kubelet has acknowledged the CSI driver's registration.
     pub kubelet_registered: Gauge,
+    /// Kubernetes Events about pods' instances, by result (see `reap::post`).
+    pub events: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -66,6 +73,7 @@ impl Metrics {
             refused: Family::default(),
             limit_hits: Family::default(),
             kubelet_registered: Gauge::default(),
+            events: Family::default(),
             registry: Registry::default(),
         };
         registry.register("slots", "Build slots on this node", m.slots_total.clone());
@@ -101,6 +109,14 @@ impl Metrics {
             "1 while kubelet has acknowledged the CSI driver registration (--registration-dir)",
             m.kubelet_registered.clone(),
         );
+        registry.register(
+            "events",
+            "Kubernetes Events on pods whose instance ended: posted, failed (API refused or unreachable after retries), dropped (queue full, no API access, shutdown)",
+            m.events.clone(),
+        );
+        for r in ["posted", "failed", "dropped"] {
+            let _ = m.events.get_or_create(&ResultLabel { result: r.into() });
+        }
         for l in ["memory", "pids", "disk"] {
             let _ = m.limit_hits.get_or_create(&ReasonLabel { reason: l.into() });
         }
@@ -116,6 +132,11 @@ impl Metrics {
     /// End reasons are an enum, so the label set stays bounded.
     pub fn ended(&self, reason: EndReason) {
         self.ended.get_or_create(&ReasonLabel { reason: reason.as_str().into() }).inc();
+    }
+
+    /// `result`: posted, failed or dropped.
+    pub fn event(&self, result: &str) {
+        self.events.get_or_create(&ResultLabel { result: result.into() }).inc();
     }
 
     pub fn refused(&self, reason: &str) {

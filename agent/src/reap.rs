@@ -2,7 +2,11 @@
 //! when its daemon exits (crash, OOM kill), or when the agent shuts down. The
 //! shim does the ordered teardown (SIGTERM, grace, SIGKILL of the pid
 //! namespace, empty and remove the cgroup, wipe, release the ids); the agent
-//! asks for it, collects the shim's outcome and records one log line.
+//! asks for it, collects the shim's outcome and records one log line, and,
+//! for a pod's instance, a Kubernetes Event on the pod (`event`, `post`).
+
+pub mod event;
+pub mod post;
 
 use crate::instance::Instance;
 use crate::phase::{EndReason, Phase};
@@ -123,14 +127,29 @@ pub fn record(ctx: &Ctx, inst: &Instance, cause: EndCause, outcome: Option<&Outc
         EndReason::Unpublished => Some("the pod's berth volume was unpublished".into()),
         _ => None,
     };
-    if let Some(why) = why {
-        let tail = outcome.map(|o| crate::hints::for_stderr(&o.stderr_tail)).unwrap_or_default();
+    let tail = outcome.map(|o| crate::hints::for_stderr(&o.stderr_tail)).unwrap_or_default();
+    if let Some(why) = &why {
         inst.set_end_note(format!("berth: instance {} ended: {why}{tail}", inst.id));
     }
+    // Issue 15: the pod's Event carries the same words as the note.
+    let event_why = match &cause {
+        EndCause::StartFailed(e) if reason == EndReason::Error => Some(e.clone()),
+        _ => why.map(|w| format!("{w}{tail}")),
+    };
+    pod_event(ctx, inst, reason, event_why.as_deref());
     if let Some(peak) = outcome.and_then(|o| o.peak_memory) {
         ctx.metrics.peak_memory_bytes.observe(peak as f64);
     }
     reason
+}
+
+/// For an instance of a pod (CSI): the log line and the queued Event on the
+/// pod saying why it ended (see `event` for which ends get one).
+pub fn pod_event(ctx: &Ctx, inst: &Instance, reason: EndReason, why: Option<&str>) {
+    let Some(pod) = inst.client().pod else { return };
+    if let Some(n) = event::notice(reason, &inst.id, why, ctx.run.idle_timeout) {
+        ctx.events.instance_ended(ctx, &pod, &inst.id, &n);
+    }
 }
 
 /// How often a running instance's cgroup is read for limit hits.

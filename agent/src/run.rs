@@ -145,6 +145,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         .map_err(RunError::Network)?;
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+    let (events, events_queue) = crate::reap::post::queue();
     let ctx = Arc::new(Ctx {
         node_name: args.node_name.clone().unwrap_or_else(node_name),
         layout,
@@ -166,6 +167,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             .map_err(|e| RunError::StateDir(format!("agent lock: {e}")))?,
         network,
         bounds: Default::default(),
+        events,
         run: args,
     });
     ctx.refresh_gauges();
@@ -204,6 +206,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // Node extended resource, labels, annotations: a task of its own that
     // only logs, so the API being down never holds up serving builds.
     let _publisher = crate::publish::spawn(&ctx);
+    // Why a pod's instance ended, as an Event on the pod: same rule.
+    let events = crate::reap::post::spawn(&ctx, events_queue);
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: draining"),
         _ = int.recv() => info!("SIGINT: draining"),
@@ -215,6 +219,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     }
     ctx.tasks.close();
     ctx.tasks.wait().await;
+    events.finish().await;
     if let Some(r) = registration {
         let _ = r.await;
     }

@@ -5,6 +5,8 @@
 //! - [`grpc`]: channels over unix sockets and small client helpers.
 //! - [`pattern`]: the deterministic byte stream `Fake.Stream` sends, and its checksum.
 //! - [`fakekitd`]: the stand-in build daemon (the `fakekitd` binary is a thin main).
+//! - [`apiserver`]: an in-process Kubernetes API double (Nodes, Events) that
+//!   records every request; capacity publishing and pod Events are tested on it.
 //! - [`kubelet`]: kubelet's side: its plugin watcher and CSI requests, played by the CSI suites.
 //! - [`fuzz`]: the bodies of the fuzz targets in `<workspace>/fuzz`, replayed over
 //!   the committed corpus by `tests/fuzz_corpus.rs`.
@@ -13,6 +15,7 @@
 //! - [`bench`]: the benchmark suite (the `berth-bench` binary is a thin main);
 //!   it drives its agents through the harness's command line and log buffer.
 
+pub mod apiserver;
 pub mod bench;
 pub mod disk_leaks;
 pub mod fakekitd;

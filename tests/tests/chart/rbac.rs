@@ -6,27 +6,34 @@ use super::*;
 // RBAC, CSIDriver, ServiceAccount
 
 #[test]
-fn rbac_grants_only_get_and_patch_of_nodes() {
+fn rbac_grants_only_get_and_patch_of_nodes_and_create_of_events() {
     for (label, r) in both() {
         assert!(r.of_kind("Role").is_empty() && r.of_kind("RoleBinding").is_empty(), "{label}: no namespaced RBAC");
         let role = r.one("ClusterRole");
         let mut granted = BTreeSet::new();
         for rule in arr(&role["rules"]) {
-            assert_eq!(strings(&rule["apiGroups"]), [""], "{label}: core group only: {rule}");
+            let groups = strings(&rule["apiGroups"]);
+            assert_eq!(groups.len(), 1, "{label}: one API group per rule: {rule}");
             assert!(rule["resourceNames"].is_null() && rule["nonResourceURLs"].is_null(), "{label}: {rule}");
             for res in strings(&rule["resources"]) {
-                assert!(res == "nodes" || res == "nodes/status", "{label}: resource {res}");
                 for verb in strings(&rule["verbs"]) {
-                    assert!(verb == "get" || verb == "patch", "{label}: verb {verb} on {res} (no list/watch/*)");
-                    granted.insert((res.clone(), verb));
+                    granted.insert((groups[0].clone(), res.clone(), verb));
                 }
             }
         }
-        // What the agent needs: read and patch its Node and the Node's status.
-        let need: BTreeSet<(String, String)> =
-            [("nodes", "get"), ("nodes", "patch"), ("nodes/status", "get"), ("nodes/status", "patch")]
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .into();
+        // What the agent needs and nothing more: read and patch its Node and
+        // the Node's status (capacity publishing), create Events on pods
+        // whose instance ended (events.k8s.io, never core Events, never
+        // list/watch/update).
+        let need: BTreeSet<(String, String, String)> = [
+            ("", "nodes", "get"),
+            ("", "nodes", "patch"),
+            ("", "nodes/status", "get"),
+            ("", "nodes/status", "patch"),
+            ("events.k8s.io", "events", "create"),
+        ]
+        .map(|(g, a, b)| (g.to_string(), a.to_string(), b.to_string()))
+        .into();
         assert_eq!(granted, need, "{label}");
 
         let binding = r.one("ClusterRoleBinding");

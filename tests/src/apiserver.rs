@@ -1,15 +1,22 @@
 //! An in-process Kubernetes API double: a real HTTP server on 127.0.0.1:0
-//! that records every request and answers the Node calls berth makes with
-//! real API objects (built from k8s-openapi types), applying JSON patches
-//! and merge patches to the Nodes it holds. Faults can be queued: the next
-//! N matching requests get a given status code and a `Status` body.
-#![allow(dead_code)]
+//! that records every request and answers the calls berth makes with real
+//! API objects (built from k8s-openapi types): Node reads and patches (JSON
+//! patches and merge patches applied to the Nodes it holds), and creates of
+//! `events.k8s.io/v1` Events, which it keeps like the API server does (name,
+//! namespace checked, uid and resourceVersion set). Faults can be queued:
+//! the next N matching requests get a given status code and a `Status` body.
+//!
+//! It lives in the tests crate, not in `agent/tests`: the tests crate
+//! depends on the agent, so the agent cannot take it as a dev-dependency
+//! without linking a second copy of itself; the capacity-publishing suite
+//! moved here with it (tests/tests/publish.rs).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::core::v1::{Node, NodeStatus, NodeSystemInfo};
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{json, Value};
@@ -47,6 +54,8 @@ struct Fault {
 #[derive(Default)]
 struct Inner {
     nodes: BTreeMap<String, Value>,
+    /// Created Events, in order.
+    events: Vec<Value>,
     seen: Vec<Seen>,
     faults: Vec<Fault>,
 }
@@ -189,11 +198,55 @@ fn bump_version(node: &mut Value) {
 }
 
 impl Inner {
+    /// POST of an `events.k8s.io/v1` Event, checked as the API server checks
+    /// what berth relies on: JSON, the path's namespace, a name, the fields
+    /// the v1 API requires of a new Event, and no duplicate name.
+    fn create_event(&mut self, method: &Method, ns: &str, content_type: Option<&str>, body: &[u8]) -> (u16, Value) {
+        if method != Method::POST {
+            return (405, status(405, "MethodNotAllowed", &format!("{method} on events is not served by the double")));
+        }
+        if content_type != Some("application/json") {
+            return (415, status(415, "UnsupportedMediaType", &format!("unsupported content type {content_type:?}")));
+        }
+        let Ok(mut ev) = serde_json::from_slice::<Value>(body) else {
+            return (400, status(400, "BadRequest", "body is not JSON"));
+        };
+        if ev["apiVersion"] != "events.k8s.io/v1" || ev["kind"] != "Event" {
+            return (400, status(400, "BadRequest", "expected apiVersion events.k8s.io/v1, kind Event"));
+        }
+        if ev["metadata"]["namespace"].as_str().is_some_and(|n| n != ns) {
+            return (400, status(400, "BadRequest", "the namespace of the object does not match the request"));
+        }
+        let Some(name) = ev["metadata"]["name"].as_str().map(str::to_string) else {
+            return (422, status(422, "Invalid", "metadata.name: Required value"));
+        };
+        let missing: Vec<&str> = ["eventTime", "reportingController", "reportingInstance", "action", "reason", "type"]
+            .into_iter()
+            .filter(|f| ev[*f].as_str().is_none_or(str::is_empty))
+            .collect();
+        if !missing.is_empty() {
+            return (422, status(422, "Invalid", &format!("{missing:?}: Required value")));
+        }
+        if self.events.iter().any(|e| e["metadata"]["namespace"] == ns && e["metadata"]["name"] == name.as_str()) {
+            return (409, status(409, "AlreadyExists", &format!("events.events.k8s.io \"{name}\" already exists")));
+        }
+        ev["metadata"]["namespace"] = json!(ns);
+        ev["metadata"]["uid"] = json!(format!("event-uid-{}", self.events.len()));
+        ev["metadata"]["resourceVersion"] = json!((1000 + self.events.len()).to_string());
+        self.events.push(ev.clone());
+        (201, ev)
+    }
+
     fn answer(&mut self, method: &Method, path: &str, content_type: Option<&str>, body: &[u8]) -> (u16, Value) {
         if let Some(f) = self.faults.iter_mut().find(|f| f.times > 0 && f.method == method && f.path == path) {
             f.times -= 1;
             let code = f.code;
             return (code, status(code, reason(code), &format!("injected fault {code}")));
+        }
+        if let Some(ns) =
+            path.strip_prefix("/apis/events.k8s.io/v1/namespaces/").and_then(|r| r.strip_suffix("/events"))
+        {
+            return self.create_event(method, ns, content_type, body);
         }
         let rest = path.strip_prefix("/api/v1/nodes").unwrap_or("?");
         let parts: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
@@ -326,6 +379,12 @@ impl Double {
 
     pub fn seen_at(&self, method: &str, path: &str) -> Vec<Seen> {
         self.seen().into_iter().filter(|s| s.method == method && s.path == path).collect()
+    }
+
+    /// The Events created so far, in order.
+    pub fn events(&self) -> Vec<Event> {
+        let all = self.inner.lock().unwrap().events.clone();
+        all.into_iter().map(|e| serde_json::from_value(e).expect("a stored Event parses")).collect()
     }
 
     pub fn node(&self, name: &str) -> Node {

@@ -1,12 +1,9 @@
 //! Capacity publishing and `capacity --cluster` against an in-process
-//! Kubernetes API double (see `publish/double.rs`).
-
-#[path = "publish/double.rs"]
-mod double;
+//! Kubernetes API double (see `berth_tests::apiserver`).
 
 use berth_agent::config::OutputFormat;
 use berth_agent::publish::{cluster, Progress, Publisher, Settings};
-use double::{node, Double};
+use berth_tests::apiserver::{node, Double};
 use hyper::Method;
 use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
