@@ -339,7 +339,7 @@ async fn capacity_cluster_command_reads_the_kubeconfig() {
     let run = |args: &'static [&'static str]| {
         let kubeconfig = kubeconfig.clone();
         async move {
-            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_berth-agent"))
+            let out = tokio::process::Command::new(berth_tests::harness::bin_path("berth-agent"))
                 .args(args)
                 .env("KUBECONFIG", &kubeconfig)
                 .env_remove("BERTH_EXTENDED_RESOURCE_NAME")
@@ -365,7 +365,7 @@ async fn capacity_cluster_command_reads_the_kubeconfig() {
 
     // A refusal is an error exit with the RBAC hint, not a panic.
     api.fail(Method::GET, "/api/v1/nodes", 403, 1);
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_berth-agent"))
+    let out = tokio::process::Command::new(berth_tests::harness::bin_path("berth-agent"))
         .args(["capacity", "--cluster"])
         .env("KUBECONFIG", &kubeconfig)
         .output()
@@ -391,7 +391,7 @@ impl Agent {
         let cgroup_parent = format!("berth-test/{name}-{}", std::process::id());
         // A per-process id range, far from what other tests pick.
         let idmap_base = (256 + (std::process::id() % 4096) * 4) * 65536;
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_berth-agent"));
+        let mut cmd = tokio::process::Command::new(berth_tests::harness::bin_path("berth-agent"));
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("BERTH_") {
                 cmd.env_remove(k);
