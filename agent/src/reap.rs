@@ -148,7 +148,14 @@ pub fn record(ctx: &Ctx, inst: &Instance, cause: EndCause, outcome: Option<&Outc
 pub fn pod_event(ctx: &Ctx, inst: &Instance, reason: EndReason, why: Option<&str>) {
     let Some(pod) = inst.client().pod else { return };
     if let Some(n) = event::notice(reason, &inst.id, why, ctx.run.idle_timeout) {
-        ctx.events.instance_ended(ctx, &pod, &inst.id, &n);
+        ctx.events.report(ctx, &pod, &inst.id, &n);
+    }
+}
+
+/// For an instance of a pod: the Event of a limit hit that did not end it.
+fn hit_event(ctx: &Ctx, inst: &Instance, hit: event::Hit, limit: &str) {
+    if let Some(pod) = inst.client().pod {
+        ctx.events.report(ctx, &pod, &inst.id, &event::hit_notice(hit, &inst.id, limit));
     }
 }
 
@@ -185,6 +192,8 @@ pub async fn watch_limits(ctx: Arc<Ctx>, inst: Arc<Instance>) {
                 limit = %crate::config::quantity::format_bytes(limits.build_memory),
                 "a process of the build was OOM-killed at the memory limit (the client sees its step fail, exit code 137)"
             );
+            let limit = crate::config::quantity::format_bytes(limits.build_memory);
+            hit_event(&ctx, &inst, event::Hit::Memory { n: now.oom_kills }, &limit);
         }
         if now.pids_limit_hits > seen.pids_limit_hits {
             ctx.metrics
@@ -198,6 +207,7 @@ pub async fn watch_limits(ctx: Arc<Ctx>, inst: Arc<Instance>) {
                 limit = limits.build_pids,
                 "a fork in the build was refused at the pids limit"
             );
+            hit_event(&ctx, &inst, event::Hit::Pids { n: now.pids_limit_hits }, &limits.build_pids.to_string());
         }
         seen = now;
     }

@@ -90,6 +90,12 @@ fn events_total(agent: &Agent, result: &str) -> f64 {
         .unwrap_or_else(|| panic!("no berth_events_total{{result={result:?}}} in /metrics:\n{raw}"))
 }
 
+/// How many Events the agent reported in its log (ends and limit hits).
+fn reported(agent: &Agent) -> f64 {
+    let kinds = ["pod's instance ended", "limit hit in a pod's instance"];
+    agent.logs().iter().filter(|v| kinds.iter().any(|k| v["message"] == *k)).count() as f64
+}
+
 async fn wait_events_total(agent: &Agent, result: &str, want: f64) {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
@@ -117,10 +123,19 @@ async fn an_oom_killed_pod_instance_posts_an_event_on_the_pod() {
     assert_eq!(end["reason"], "oom");
     let id = end["instance"].as_str().unwrap().to_string();
 
-    wait_events_total(&agent, "posted", 1.0).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while !api.events().iter().any(|e| e.reason.as_deref() == Some("BuildOOMKilled")) {
+        assert!(std::time::Instant::now() < deadline, "no BuildOOMKilled Event: {:#?}", api.events());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let events = api.events();
-    assert_eq!(events.len(), 1, "{events:#?}");
-    let ev = &events[0];
+    // The limit watcher may have seen the OOM kill a moment before the
+    // daemon's end (BuildStepOOMKilled); the end itself is posted once.
+    let (ends, others): (Vec<_>, Vec<_>) = events.iter().partition(|e| e.reason.as_deref() == Some("BuildOOMKilled"));
+    assert_eq!(ends.len(), 1, "{events:#?}");
+    assert!(others.iter().all(|e| e.reason.as_deref() == Some("BuildStepOOMKilled")), "{events:#?}");
+    wait_events_total(&agent, "posted", events.len() as f64).await;
+    let ev = ends[0];
     assert_eq!(ev.metadata.namespace.as_deref(), Some("ci"));
     assert!(ev.metadata.name.as_deref().unwrap().starts_with("runner-oom."), "{:?}", ev.metadata.name);
     let on = ev.regarding.as_ref().expect("regarding");
@@ -154,7 +169,7 @@ async fn an_oom_killed_pod_instance_posts_an_event_on_the_pod() {
     unpublish(&agent, "ev-vol-oom", &uid).await;
     agent.wait_log_async(0, |v| v["message"] == "volume unpublished", WAIT).await.expect("unpublished");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(api.events().len(), 1, "{:#?}", api.events());
+    assert_eq!(api.events().len(), events.len(), "{:#?}", api.events());
     let leaks = agent.wait_clean_async(WAIT).await;
     assert!(leaks.is_empty(), "{leaks:?}");
 }
@@ -186,7 +201,8 @@ async fn with_the_api_down_the_agent_keeps_serving_and_logs_why() {
         .wait_log_async(0, |v| v.to_string().contains("retrying") && v["reason"] == "BuildOOMKilled", WAIT)
         .await
         .expect("a retry is logged");
-    wait_events_total(&agent, "failed", 1.0).await;
+    // Every one reported (the end, and maybe the OOM kill seen a moment before it) failed.
+    wait_events_total(&agent, "failed", reported(&agent)).await;
     assert_eq!(events_total(&agent, "posted"), 0.0);
     // Still serving: the pod's next build gets a fresh instance.
     let sock2 = sock.clone();
@@ -211,7 +227,7 @@ async fn without_api_access_it_is_said_once_at_start() {
     let sock = publish(&agent, "ev-vol-noapi", "ci", "runner-noapi", &uid).await;
     oom_build(&sock).await;
     agent.wait_log_async(0, |v| v["message"] == "pod's instance ended", WAIT).await.expect("the end's log line");
-    wait_events_total(&agent, "dropped", 1.0).await;
+    wait_events_total(&agent, "dropped", reported(&agent)).await;
     unpublish(&agent, "ev-vol-noapi", &uid).await;
     let count = agent
         .logs()
@@ -219,6 +235,32 @@ async fn without_api_access_it_is_said_once_at_start() {
         .filter(|v| v["message"].as_str().is_some_and(|m| m.starts_with("no Kubernetes API access")))
         .count();
     assert_eq!(count, 1, "said once, not per Event");
+    let leaks = agent.wait_clean_async(WAIT).await;
+    assert!(leaks.is_empty(), "{leaks:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_hit_in_a_running_pod_instance_posts_an_event() {
+    let api = Double::start(vec![]).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = builder("events-pids", &api.kubeconfig(tmp.path())).args(["--build-pids", "32"]).start_async().await;
+    let uid = format!("uid-pids-{}", std::process::id());
+    let sock = publish(&agent, "ev-vol-pids", "ci", "runner-pids", &uid).await;
+    let s = sock.clone();
+    let fork =
+        tokio::task::spawn_blocking(move || run_fakeclient(&s, &["--timeout", "20", "fork", "64"])).await.unwrap();
+    assert!(fork.json["started"].as_u64().unwrap() < 64, "{:?}", fork.json);
+    // While the instance still runs (idle timeout 30 s), not at its end.
+    wait_events_total(&agent, "posted", 1.0).await;
+    assert!(agent.instance_ends().is_empty(), "the instance is still running");
+    let events = api.events();
+    let ev = &events[0];
+    assert_eq!(ev.type_.as_deref(), Some("Warning"));
+    assert_eq!(ev.reason.as_deref(), Some("BuildPidsLimitHit"));
+    assert_eq!(ev.action.as_deref(), Some("Limit"));
+    assert_eq!(ev.regarding.as_ref().unwrap().uid.as_deref(), Some(uid.as_str()));
+    assert!(ev.note.as_deref().unwrap().contains("limit of 32 processes"), "{:?}", ev.note);
+    unpublish(&agent, "ev-vol-pids", &uid).await;
     let leaks = agent.wait_clean_async(WAIT).await;
     assert!(leaks.is_empty(), "{leaks:?}");
 }

@@ -16,6 +16,11 @@
 //! | idle timeout   | Normal  | `BuildInstanceIdle` |
 //! | unpublish      | none: the pod is being deleted, nobody reads it |
 //! | one connection | none: never a pod's instance                    |
+//!
+//! And while an instance runs, a limit hit that does not end it (the OOM
+//! killer taking one build step, which buildkit reports only as exit code
+//! 137; a fork refused at the pids limit): Warning `BuildStepOOMKilled` or
+//! `BuildPidsLimitHit`, action `Limit`, once per new hit seen.
 
 use crate::client::PodRef;
 use crate::phase::EndReason;
@@ -86,6 +91,31 @@ pub fn notice(reason: EndReason, id: &str, why: Option<&str>, idle: Duration) ->
         EndReason::Unpublished | EndReason::Closed => return None,
     };
     Some(Notice { note: truncate(n.note, NOTE_MAX), ..n })
+}
+
+/// A limit hit inside a running instance (see `reap::watch_limits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hit {
+    /// `n` processes of the build OOM-killed so far, at `limit` (its words).
+    Memory { n: u64 },
+    /// `n` forks refused so far.
+    Pids { n: u64 },
+}
+
+/// The Notice for a limit hit that did not end instance `id`; `limit` is
+/// the limit in words (`2Gi`, `4096`).
+pub fn hit_notice(hit: Hit, id: &str, limit: &str) -> Notice {
+    let (reason, note) = match hit {
+        Hit::Memory { n } => (
+            "BuildStepOOMKilled",
+            format!("a process of the build in berth instance {id} was OOM-killed at its memory limit of {limit} ({n} so far); the step fails with exit code 137"),
+        ),
+        Hit::Pids { n } => (
+            "BuildPidsLimitHit",
+            format!("a fork in the build in berth instance {id} was refused at its limit of {limit} processes and threads ({n} so far)"),
+        ),
+    };
+    Notice { type_: Type::Warning, reason, action: "Limit", note }
 }
 
 /// The `events.k8s.io/v1` Event about `pod`, reported by the agent on `node`.
@@ -164,6 +194,20 @@ mod tests {
         for r in EndReason::ALL {
             let _ = notice(r, "x", None, idle);
         }
+    }
+
+    #[test]
+    fn limit_hits_in_a_running_build_are_warnings() {
+        let n = hit_notice(Hit::Memory { n: 2 }, "abc", "2Gi");
+        assert_eq!((n.type_, n.reason, n.action), (Type::Warning, "BuildStepOOMKilled", "Limit"));
+        assert!(
+            n.note.contains("berth instance abc") && n.note.contains("2Gi") && n.note.contains("137"),
+            "{}",
+            n.note
+        );
+        let n = hit_notice(Hit::Pids { n: 1 }, "abc", "4096");
+        assert_eq!(n.reason, "BuildPidsLimitHit");
+        assert!(n.note.contains("limit of 4096 processes"), "{}", n.note);
     }
 
     #[test]

@@ -51,15 +51,19 @@ pub fn queue() -> (Events, Queue) {
 }
 
 impl Events {
-    /// Writes the log line of the end of `pod`'s instance and queues its
-    /// Event. Never waits.
-    pub fn instance_ended(&self, ctx: &Ctx, pod: &PodRef, instance: &str, n: &event::Notice) {
+    /// Writes the log line of what happened to `pod`'s instance (its end,
+    /// or a limit hit inside it) and queues its Event. Never waits.
+    pub fn report(&self, ctx: &Ctx, pod: &PodRef, instance: &str, n: &event::Notice) {
         let pod_name = format!("{}/{}", pod.namespace, pod.name);
-        match n.type_ {
-            event::Type::Warning => {
+        // One message per kind, so logs can be searched for it.
+        match (n.type_, n.action) {
+            (event::Type::Warning, "Limit") => {
+                warn!(instance, pod = %pod_name, reason = n.reason, note = %n.note, "limit hit in a pod's instance")
+            }
+            (event::Type::Warning, _) => {
                 warn!(instance, pod = %pod_name, reason = n.reason, note = %n.note, "pod's instance ended")
             }
-            event::Type::Normal => {
+            (event::Type::Normal, _) => {
                 info!(instance, pod = %pod_name, reason = n.reason, note = %n.note, "pod's instance ended")
             }
         }
