@@ -90,7 +90,25 @@ pub fn run_checks(args: &CheckArgs) -> Vec<Item> {
         disk::check(&h.state_dir, args.limits.build_disk, real_proc, h.shim.as_deref()),
     ];
     items.extend(network::checks(&args.net, &h.proc_root));
+    // bkconfig (issue 16): the fragment, validated as `run` validates it.
+    items.extend(args.buildkitd_config.as_deref().map(|p| buildkitd_config(p, args.limits.build_disk)));
     items
+}
+
+/// `--buildkitd-config`: loaded exactly as `run` loads it at start.
+fn buildkitd_config(path: &Path, build_disk: u64) -> Item {
+    const N: &str = "buildkitd config";
+    match crate::bkconfig::load(path, crate::spawn::gc_budget(build_disk)) {
+        Ok(f) => {
+            let mut detail =
+                format!("{}: sha256 {}, {} file(s) to copy", path.display(), f.short_hash(), f.files.len());
+            for c in &f.clamped {
+                detail.push_str(&format!("; {c}"));
+            }
+            ok(N, detail)
+        }
+        Err(e) => fail(N, e.to_string(), crate::bkconfig::fix(&e)),
+    }
 }
 
 fn userns(proc_root: &Path, real: bool, shim: Option<&Path>) -> Item {

@@ -285,6 +285,10 @@ pub struct RunArgs {
     /// Mode of the listening sockets (octal).
     #[arg(long, env = "BERTH_SOCKET_MODE", default_value = "0660", value_parser = parse_mode)]
     pub socket_mode: u32,
+    /// A buildkitd.toml fragment (BuildKit's own format) merged into every instance's config:
+    /// registry mirrors, CAs, plain-HTTP registries, GC; reloaded on SIGHUP or change.
+    #[arg(long, env = "BERTH_BUILDKITD_CONFIG", value_name = "FILE")]
+    pub buildkitd_config: Option<PathBuf>,
     /// Extra argument for the daemon (repeatable); use `--daemon-arg=--flag`.
     #[arg(long = "daemon-arg", allow_hyphen_values = true)]
     pub daemon_args: Vec<String>,
@@ -374,6 +378,9 @@ pub struct CheckArgs {
     pub limits: LimitArgs,
     #[command(flatten)]
     pub net: NetArgs,
+    /// The buildkitd.toml fragment `run` would merge (validated as `run` does).
+    #[arg(long, env = "BERTH_BUILDKITD_CONFIG", value_name = "FILE")]
+    pub buildkitd_config: Option<PathBuf>,
 }
 
 fn parse_unix_url(s: &str) -> Result<PathBuf, String> {

@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admit;
+pub mod bkconfig;
 pub mod bounds;
 pub mod capacity;
 pub mod check;
@@ -100,6 +101,8 @@ pub struct Ctx {
     pub bounds: bounds::Bounds,
     /// Kubernetes Events on pods whose instance ended (see `reap::post`).
     pub events: reap::post::Events,
+    /// bkconfig (issue 16): the operator's buildkitd.toml fragment in force.
+    pub bkconfig: bkconfig::Source,
 }
 
 impl Ctx {

@@ -25,6 +25,12 @@ pub struct DirectionLabel {
     pub direction: String,
 }
 
+// bkconfig (issue 16): the operator's buildkitd.toml fragment.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HashLabel {
+    pub sha256: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub slots_total: Gauge,
@@ -44,6 +50,10 @@ pub struct Metrics {
     pub kubelet_registered: Gauge,
     /// Kubernetes Events about pods' instances, by result (see `reap::post`).
     pub events: Family<ResultLabel, Counter>,
+    /// bkconfig: reloads of --buildkitd-config, by result (ok, refused).
+    pub buildkitd_config_reloads: Family<ResultLabel, Counter>,
+    /// bkconfig: 1 for the sha256 of the fragment in force.
+    pub buildkitd_config_info: Family<HashLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -74,6 +84,8 @@ impl Metrics {
             limit_hits: Family::default(),
             kubelet_registered: Gauge::default(),
             events: Family::default(),
+            buildkitd_config_reloads: Family::default(),
+            buildkitd_config_info: Family::default(),
             registry: Registry::default(),
         };
         registry.register("slots", "Build slots on this node", m.slots_total.clone());
@@ -116,6 +128,19 @@ impl Metrics {
         );
         for r in ["posted", "failed", "dropped"] {
             let _ = m.events.get_or_create(&ResultLabel { result: r.into() });
+        }
+        registry.register(
+            "buildkitd_config_reloads",
+            "Reloads of --buildkitd-config (SIGHUP or file change), by result: ok, refused (the old one stays)",
+            m.buildkitd_config_reloads.clone(),
+        );
+        registry.register(
+            "buildkitd_config_info",
+            "1 for the sha256 of the --buildkitd-config fragment new instances get",
+            m.buildkitd_config_info.clone(),
+        );
+        for r in ["ok", "refused"] {
+            let _ = m.buildkitd_config_reloads.get_or_create(&ResultLabel { result: r.into() });
         }
         for l in ["memory", "pids", "disk"] {
             let _ = m.limit_hits.get_or_create(&ReasonLabel { reason: l.into() });

@@ -34,6 +34,8 @@ pub enum RunError {
     Register(#[from] crate::register::RegisterError),
     #[error("signals: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    BuildkitdConfig(#[from] crate::bkconfig::BkConfigError),
     #[error("--build-network isolated: {0}")]
     Network(#[source] crate::network::NetworkError),
 }
@@ -86,6 +88,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let tools = crate::spawn::tools::resolve(&args.host.daemon, std::env::var_os("PATH").as_deref())?;
     let shim = find_shim(args.host.shim.as_deref())?;
     crate::register::validate(&args)?;
+    // bkconfig: the operator's fragment, refused at start if bad.
+    let bkconfig = crate::bkconfig::Source::start(
+        args.buildkitd_config.as_deref(),
+        crate::spawn::gc_budget(args.limits.build_disk),
+    )?;
     prepare_state(&args.host.state_dir)?;
     // cgroup delegation (issue 17): the agent's minimal move, undone on exit
     // (`delegation` is dropped, or undone and logged at the end of `run`).
@@ -146,6 +153,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     let (events, events_queue) = crate::reap::post::queue();
+    let hangup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
     let ctx = Arc::new(Ctx {
         node_name: args.node_name.clone().unwrap_or_else(node_name),
         layout,
@@ -168,8 +176,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         network,
         bounds: Default::default(),
         events,
+        bkconfig,
         run: args,
     });
+    ctx.bkconfig.publish(&ctx.metrics);
+    tokio::spawn(crate::bkconfig::reload::watch(ctx.clone(), hangup));
     ctx.refresh_gauges();
     if let Some(l) = http {
         tokio::spawn(crate::http::serve(ctx.clone(), l));

@@ -108,10 +108,17 @@ fn prepare(ctx: &Ctx, inst: &Instance) -> Result<Spec, SpawnError> {
             .then(|| DiskSpec::new(dir, dir.join(spec::ROOT_DIR), ctx.run.limits.build_disk)),
         network,
     };
-    let config = buildkitd::render(&spec, ctx.run.limits.build_cpus, gc_budget(ctx.run.limits.build_disk));
+    // bkconfig: one fragment for both the config and the copies it names.
+    let fragment = ctx.bkconfig.current();
+    let config =
+        buildkitd::render(&spec, ctx.run.limits.build_cpus, gc_budget(ctx.run.limits.build_disk), fragment.as_deref());
     let acquired = lay_out(&spec, &config).and_then(|()| {
         if let Some(n) = &ctx.network {
             n.write_files(&spec).map_err(|(path, source)| SpawnError::Layout { path, source })?;
+        }
+        if let Some(f) = &fragment {
+            crate::bkconfig::files::install(dir, spec.ids.host_base, &f.files)
+                .map_err(|(path, source)| SpawnError::Layout { path, source })?;
         }
         ctx.layout.create(&format!("berth-{}", inst.id), &ctx.run.limits.limits()).map_err(SpawnError::Cgroup)?;
         // Disk hook: the image, its loop device and its mount, last
@@ -133,7 +140,7 @@ fn prepare(ctx: &Ctx, inst: &Instance) -> Result<Spec, SpawnError> {
 
 /// buildkit's gc target inside a disk limit: 80% of it, so that gc runs
 /// before the filesystem is full (0, unlimited: buildkit's own default).
-fn gc_budget(disk: u64) -> u64 {
+pub fn gc_budget(disk: u64) -> u64 {
     disk / 5 * 4
 }
 
