@@ -96,6 +96,10 @@ enum Cmd {
     Bind { port: u32 },
     /// Fake.Resolve: resolve NAME as the daemon's processes do.
     Resolve { name: String },
+    /// bkconfig: the daemon's --config file as it sees it.
+    Config,
+    /// bkconfig: open a path for reading as the daemon.
+    Open { path: String },
 }
 
 /// `123`, `4K`, `4Ki`, `512M`, `2Gi` (K/M/G decimal, Ki/Mi/Gi binary).
@@ -297,6 +301,14 @@ async fn call(cmd: Cmd, ch: Channel) -> Result<Value, Failure> {
                 "kind": r.kind, "data": String::from_utf8_lossy(&r.data), "size": r.data.len(),
                 "entries": r.entries, "link_target": r.link_target, "error": r.error,
             })
+        }
+        Cmd::Config => {
+            let r = fake(ch).config(ConfigRequest {}).await?.into_inner();
+            json!({"path": r.path, "text": r.text, "error": r.error, "parse_error": r.parse_error})
+        }
+        Cmd::Open { path } => {
+            let r = fake(ch).open(OpenRequest { path }).await?.into_inner();
+            json!({"ok": r.ok, "errno": r.errno, "error": r.error, "size": r.size})
         }
     })
 }

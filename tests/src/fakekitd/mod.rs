@@ -10,6 +10,7 @@
 //! with status 1, as buildkitd does after a clean shutdown.
 
 pub mod args;
+pub mod bkconfig;
 pub mod net;
 pub mod service;
 

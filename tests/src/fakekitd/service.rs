@@ -342,6 +342,15 @@ impl Fake for FakeService {
     async fn resolve(&self, req: Request<ResolveRequest>) -> Result<Response<ResolveReply>, Status> {
         Ok(Response::new(super::net::resolve(&req.into_inner().name).await))
     }
+
+    // --- bkconfig (issue 16): see bkconfig.rs ---
+    async fn config(&self, _req: Request<ConfigRequest>) -> Result<Response<ConfigReply>, Status> {
+        Ok(Response::new(super::bkconfig::config(&self.0.args)))
+    }
+
+    async fn open(&self, req: Request<OpenRequest>) -> Result<Response<OpenReply>, Status> {
+        Ok(Response::new(super::bkconfig::open(&req.into_inner().path)))
+    }
 }
 
 fn read_path(path: &Path, max: usize) -> ReadPathReply {
