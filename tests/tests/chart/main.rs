@@ -326,6 +326,7 @@ fn parse_agent_args(label: &str, args: &[String]) -> Cli {
     Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{label}: the agent rejects the chart's args {args:?}:\n{e}"))
 }
 
+mod buildkitd;
 mod daemonset;
 mod docs;
 mod examples;

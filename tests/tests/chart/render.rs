@@ -41,7 +41,7 @@ fn every_rendered_object_is_valid_kubernetes() {
     let base = ["ClusterRole", "ClusterRoleBinding", "CSIDriver", "DaemonSet", "ServiceAccount"];
     assert_eq!(kinds(default_render()), base.iter().map(|s| s.to_string()).collect());
     let mut custom: BTreeSet<String> = base.iter().map(|s| s.to_string()).collect();
-    custom.extend(["PodMonitor", "Service", "ServiceMonitor"].map(String::from));
+    custom.extend(["ConfigMap", "PodMonitor", "Service", "ServiceMonitor"].map(String::from));
     assert_eq!(kinds(custom_render()), custom);
 }
 
