@@ -280,3 +280,21 @@ fn reload_swaps_a_good_file_and_keeps_the_old_one_on_a_bad_one() {
     assert!(Source::start(Some(&path), 0).is_err());
     assert!(Source::start(None, 0).unwrap().current().is_none());
 }
+
+/// The README's example fragment is one the agent accepts (with its files
+/// put in a temp dir), so the documented setup works as written.
+#[test]
+fn the_readme_example_is_accepted() {
+    let readme = include_str!("../../../README.md");
+    let section = &readme[readme.find("## Registry mirrors and private CAs").expect("README section")..];
+    let start = section.find("```toml\n").expect("a toml block") + 8;
+    let block = &section[start..start + section[start..].find("```").unwrap()];
+    let d = tempfile::tempdir().unwrap();
+    for (name, body) in [("corp-ca.crt", CERT), ("client.key", KEY), ("client.crt", CERT)] {
+        std::fs::write(d.path().join(name), body).unwrap();
+    }
+    let text = block.replace("/etc/berth/buildkitd-certs", &d.path().display().to_string());
+    let f = parse(Path::new("/etc/berth/buildkitd.toml"), &text, 16 << 30).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(f.files.len(), 3);
+    assert_eq!(f.table["registry"]["docker.io"]["mirrors"][0].as_str(), Some("mirror.registry.svc.cluster.local:5000"));
+}
