@@ -298,3 +298,38 @@ fn the_readme_example_is_accepted() {
     assert_eq!(f.files.len(), 3);
     assert_eq!(f.table["registry"]["docker.io"]["mirrors"][0].as_str(), Some("mirror.registry.svc.cluster.local:5000"));
 }
+
+/// `--buildkitd-config` in every form: flag, env, and the `--config` file,
+/// for `run` and `check`.
+#[test]
+fn the_flag_comes_from_the_command_line_the_env_and_the_config_file() {
+    use crate::config::{expand_config, Cli, Command};
+    use clap::Parser;
+    use std::ffi::OsString;
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("berth.toml");
+    std::fs::write(&cfg, "buildkitd-config = \"/etc/berth/buildkitd/buildkitd.toml\"\n").unwrap();
+    let of = |argv: &[&str]| -> Option<PathBuf> {
+        let argv: Vec<OsString> = argv.iter().map(OsString::from).collect();
+        match Cli::try_parse_from(expand_config(argv).unwrap()).unwrap().command {
+            Command::Run(r) => r.buildkitd_config,
+            Command::Check(c) => c.buildkitd_config,
+            Command::Capacity(_) => panic!("capacity takes no fragment"),
+        }
+    };
+    let want = Some(PathBuf::from("/etc/berth/buildkitd/buildkitd.toml"));
+    let c = cfg.to_str().unwrap();
+    assert_eq!(of(&["berth-agent", "--config", c, "run"]), want);
+    assert_eq!(of(&["berth-agent", "check", "--config", c]), want);
+    assert_eq!(of(&["berth-agent", "run", "--buildkitd-config", "/x.toml"]), Some(PathBuf::from("/x.toml")));
+    // The same file serves `capacity`, which skips the key.
+    let argv: Vec<OsString> = ["berth-agent", "--config", c, "capacity"].iter().map(OsString::from).collect();
+    assert!(Cli::try_parse_from(expand_config(argv).unwrap()).is_ok());
+    // And from the environment, for both.
+    let cmd = <Cli as clap::CommandFactory>::command();
+    for sub in ["run", "check"] {
+        let sub = cmd.find_subcommand(sub).unwrap();
+        let arg = sub.get_arguments().find(|a| a.get_long() == Some("buildkitd-config")).unwrap();
+        assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some("BERTH_BUILDKITD_CONFIG"));
+    }
+}
