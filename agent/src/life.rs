@@ -110,10 +110,17 @@ async fn run_life(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> EndReason {
 async fn wait_claim(ctx: &Arc<Ctx>, inst: &Arc<Instance>, shim: &mut Shim) -> Option<EndCause> {
     let mut phase = inst.phase.subscribe();
     let mut draining = ctx.draining.subscribe();
+    // bkconfig: a reloaded --buildkitd-config retires the unclaimed warm
+    // instances (started with the old one; the pool refills with the new).
+    let mut bkconfig = ctx.bkconfig.subscribe();
     let cause = tokio::select! {
         _ = async { let _ = phase.wait_for(|p| !matches!(p, Phase::WarmIdle)).await.map(|_| ()); } => return None,
         _ = crate::raised(&mut draining) => EndCause::Drain,
         _ = shim.ended() => EndCause::DaemonExited,
+        Ok(()) = bkconfig.changed() => {
+            info!("buildkitd config reloaded: the unclaimed warm instance ends (as idle), a fresh one replaces it");
+            EndCause::Idle
+        }
     };
     // Out of the pool under the registry lock, which claims hold too: a
     // claim that got there first wins and the client is served.

@@ -198,3 +198,48 @@ fn a_bad_fragment_refuses_the_start_with_key_line_and_column() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("/nonexistent/berth-bkconf/ca.pem") && out.contains("No such file"), "{out}");
 }
+
+#[test]
+fn a_reload_retires_unclaimed_warm_instances() {
+    let (dir, file) = operator_files("mirror-one.registry.svc:5000");
+    let agent = Agent::builder("bkconf-warm")
+        .args([
+            "--warm",
+            "1",
+            "--max-builds",
+            "3",
+            "--socket-mode",
+            "0666",
+            "--build-disk",
+            "0",
+            "--drain-timeout",
+            "2s",
+        ])
+        .arg("--buildkitd-config")
+        .arg(&file)
+        .start();
+    let ready = |mark: usize| {
+        agent.wait_log_since(
+            mark,
+            |v| v["message"] == "instance ready" && v["span"]["warm"] == true,
+            Duration::from_secs(30),
+        )
+    };
+    assert!(ready(0).is_some(), "a warm instance starts: {}", agent.log_tail(20));
+    let mark = agent.log_mark();
+    fs::write(&file, fragment(dir.path(), "mirror-two.registry.svc:5000")).unwrap();
+    hup(&agent);
+    assert!(agent.wait_log_since(mark, reloaded, Duration::from_secs(15)).is_some(), "{}", agent.log_tail(20));
+    // The old warm instance ends and a fresh one, with the new fragment, replaces it.
+    assert!(ready(mark).is_some(), "the pool refills: {}", agent.log_tail(20));
+    let (text, t) = config_of(&agent, 6201);
+    assert_eq!(mirror(&t), "mirror-two.registry.svc:5000", "a claimed warm instance has the new fragment: {text}");
+    assert!(
+        agent.log_lines().iter().any(|l| l.contains("claimed a warm instance")),
+        "the client was served by the pool: {}",
+        agent.log_tail(30)
+    );
+    agent.sigterm();
+    assert!(agent.wait_exit(Duration::from_secs(60)).is_some(), "{}", agent.log_tail(20));
+    assert_eq!(agent.wait_clean(Duration::from_secs(20)), Vec::<String>::new());
+}

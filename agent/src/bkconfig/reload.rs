@@ -56,6 +56,12 @@ impl Source {
         self.current.borrow().clone()
     }
 
+    /// Changes when a reload puts a new fragment in force (the warm pool
+    /// retires instances started with the old one).
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Fragment>>> {
+        self.current.subscribe()
+    }
+
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
     }
