@@ -64,27 +64,19 @@ fn unknown_tables_and_bad_toml_name_line_and_column() {
     assert!(e.to_string().contains("/etc/berth/buildkitd.toml:3:"), "{e}");
 }
 
-fn spec(dir: &Path) -> berth_shim::spec::Spec {
-    use berth_shim::spec::{CgroupSpec, CgroupVersion, IdRange, Spec};
-    Spec {
-        id: "0123456789ab".into(),
-        dir: dir.into(),
-        ids: IdRange { host_base: 1 << 20, count: 65536 },
-        daemon: "buildkitd".into(),
-        args: vec![],
-        env: vec![],
-        cgroup: CgroupSpec { version: CgroupVersion::V2, dirs: vec![] },
-        stop_grace_ms: 1000,
-        lease: "/l".into(),
-        hostname: "h".into(),
-        client: "c".into(),
-        client_key: "c".into(),
-        owner: "o".into(),
-        isolate_network: false,
-        network: None,
-        log_cap_bytes: 16 << 20,
-        disk: None,
-    }
+/// `merge` onto a table shaped like berth's generated one (spawn's own
+/// tests render the real one with a fragment; this module may not import
+/// spawn, which imports it).
+fn merged(dir: &Path, f: &Fragment, gckeep: u64) -> Table {
+    let d = dir.display();
+    let mut base: Table = toml::from_str(&format!(
+        "root = \"{d}/root\"\n[grpc]\naddress = [\"unix://{d}/run/buildkitd.sock\"]\n\
+         [otel]\nsocketPath = \"{d}/run/otel-grpc.sock\"\n[worker.oci]\nenabled = true\ngc = true\n\
+         gckeepstorage = \"{gckeep}\"\nmax-parallelism = 2\n[worker.containerd]\nenabled = false\n"
+    ))
+    .unwrap();
+    merge(&mut base, f, dir);
+    base
 }
 
 #[test]
@@ -112,8 +104,7 @@ enabled = true
 "#;
     let f = frag(text, 8 << 30).unwrap();
     assert!(f.clamped.is_empty() && f.files.is_empty());
-    let s = spec(Path::new("/var/lib/berth/instances/0123456789ab"));
-    let out: Table = toml::from_str(&crate::spawn::buildkitd::render(&s, 2000, 8 << 30, Some(&f))).unwrap();
+    let out = merged(Path::new("/var/lib/berth/instances/0123456789ab"), &f, 8 << 30);
     let given: Table = toml::from_str(text).unwrap();
     // Every operator key, as written.
     for k in ["debug", "insecure-entitlements", "log", "dns", "registry", "frontend"] {
@@ -150,8 +141,7 @@ fn gc_sizes_are_clamped_to_the_budget() {
     assert!(f.clamped[0].contains("worker.oci.gckeepstorage"), "{:?}", f.clamped);
     assert!(f.clamped[1].contains("worker.oci.gcpolicy[0].keepBytes"), "{:?}", f.clamped);
     // The clamped value reaches the instance's config.
-    let s = spec(Path::new("/i"));
-    let out: Table = toml::from_str(&crate::spawn::buildkitd::render(&s, 1000, budget, Some(&f))).unwrap();
+    let out = merged(Path::new("/i"), &f, budget);
     assert_eq!(out["worker"]["oci"]["gckeepstorage"].as_str(), Some(budget.to_string().as_str()));
     // Unlimited disk: nothing clamped.
     assert!(frag(text, 0).unwrap().clamped.is_empty());
@@ -196,8 +186,7 @@ fn files_are_copied_with_the_instances_owner_and_paths_rewritten() {
     let f = parse(&src.path().join("buildkitd.toml"), &text, 0).unwrap();
     assert_eq!(f.files.len(), 4, "{:?}", f.files);
     let inst = tempfile::tempdir().unwrap();
-    let s = spec(inst.path());
-    let out: Table = toml::from_str(&crate::spawn::buildkitd::render(&s, 1000, 0, Some(&f))).unwrap();
+    let out = merged(inst.path(), &f, 0);
     let reg = &out["registry"]["r.example:5000"];
     let ca = reg["ca"][0].as_str().unwrap();
     assert_eq!(ca, inst.path().join("certs/0-r.example-5000/ca-0.crt").display().to_string().replace("-5000", "_5000"));

@@ -87,5 +87,26 @@ mod tests {
         assert!(t["otel"]["socketPath"].as_str().unwrap().starts_with("/var/lib/berth/instances/0123456789ab/run/"));
         assert_eq!(t["root"].as_str(), Some("/var/lib/berth/instances/0123456789ab/root"));
         assert!(render(&spec, 500, 1, None).contains("max-parallelism = 1"));
+
+        // bkconfig: with the operator's fragment, its keys beside berth's,
+        // and the header names the fragment's hash.
+        let frag = crate::bkconfig::parse(
+            std::path::Path::new("/etc/berth/buildkitd.toml"),
+            "debug = true\n[registry.\"docker.io\"]\nmirrors = [\"m.svc:5000\"]\n[worker.oci]\nplatforms = [\"linux/amd64\"]\n",
+            0,
+        )
+        .unwrap();
+        let text = render(&spec, 1500, 10 << 30, Some(&frag));
+        assert!(text.contains(&frag.hash), "{text}");
+        let m: Table = toml::from_str(&text).unwrap();
+        assert_eq!(m["debug"].as_bool(), Some(true));
+        assert_eq!(m["registry"]["docker.io"]["mirrors"][0].as_str(), Some("m.svc:5000"));
+        assert_eq!(m["worker"]["oci"]["platforms"][0].as_str(), Some("linux/amd64"));
+        for k in ["root", "grpc", "otel"] {
+            assert_eq!(m[k], t[k], "{k}");
+        }
+        assert_eq!(m["worker"]["oci"]["max-parallelism"], oci["max-parallelism"]);
+        assert_eq!(m["worker"]["oci"]["gckeepstorage"], oci["gckeepstorage"]);
+        assert_eq!(m["worker"]["containerd"], t["worker"]["containerd"]);
     }
 }
