@@ -10,6 +10,7 @@
 //! - [`kubelet`]: kubelet's side: its plugin watcher and CSI requests, played by the CSI suites.
 //! - [`fuzz`]: the bodies of the fuzz targets in `<workspace>/fuzz`, replayed over
 //!   the committed corpus by `tests/fuzz_corpus.rs`.
+//! - [`registry`]: a real registry (Debian's `docker-registry`) in a test's own network namespace.
 //! - [`harness`]: drives the real `berth-agent`, `berth-shim`, `fakekitd` and
 //!   `fakeclient` binaries for the end-to-end suites in `tests/`.
 //! - [`bench`]: the benchmark suite (the `berth-bench` binary is a thin main);
@@ -25,6 +26,7 @@ pub mod harness;
 pub mod kubelet;
 pub mod netfix;
 pub mod pattern;
+pub mod registry;
 
 /// Generated code. `berth.fake.v1` is compiled here; BuildKit's Control
 /// subset (and its `pb.Platform`) is the agent's, compiled once in

@@ -12,6 +12,7 @@
 pub mod args;
 pub mod bkconfig;
 pub mod net;
+pub mod pull;
 pub mod service;
 
 use crate::proto::control::control_server::ControlServer;

@@ -351,6 +351,11 @@ impl Fake for FakeService {
     async fn open(&self, req: Request<OpenRequest>) -> Result<Response<OpenReply>, Status> {
         Ok(Response::new(super::bkconfig::open(&req.into_inner().path)))
     }
+
+    // Registry fixture (issue 16): resolve an image with the --config's registry settings.
+    async fn fetch_manifest(&self, req: Request<FetchManifestRequest>) -> Result<Response<FetchManifestReply>, Status> {
+        Ok(Response::new(super::pull::fetch_manifest(&self.0.args, req.into_inner()).await))
+    }
 }
 
 fn read_path(path: &Path, max: usize) -> ReadPathReply {

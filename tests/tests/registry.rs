@@ -1,0 +1,91 @@
+//! A real registry in the loop (issue 16): Debian's `docker-registry` runs
+//! in a world namespace of the test's own (tests/src/registry.rs), and
+//! fakekitd's `FetchManifest` resolves images with the registry settings of
+//! the `buildkitd.toml` it was given, as buildkitd's resolver does.
+//!
+//! Every address lies in the test's namespaces; each route is checked before
+//! the first packet, and the agent's namespace has no default route.
+
+use berth_tests::fake_client;
+use berth_tests::netfix::World;
+use berth_tests::proto::fake::{FetchManifestReply, FetchManifestRequest};
+use berth_tests::registry::Registry;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const FAKEKITD: &str = env!("CARGO_BIN_EXE_fakekitd");
+
+async fn fetch(socket: &Path, reference: &str, mirrors_only: bool) -> FetchManifestReply {
+    let mut c = fake_client(socket).await;
+    let req = FetchManifestRequest { reference: reference.into(), mirrors_only, timeout_ms: 10_000 };
+    c.fetch_manifest(req).await.expect("Fake.FetchManifest").into_inner()
+}
+
+/// fakekitd alone in the agent's namespace, with `--config <toml>`.
+struct Kitd {
+    child: Child,
+    socket: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Kitd {
+    async fn start(netns: &str, toml: &str) -> Kitd {
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, config) = (dir.path().join("kitd.sock"), dir.path().join("buildkitd.toml"));
+        std::fs::write(&config, toml).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns, FAKEKITD])
+            .arg(format!("--addr=unix://{}", socket.display()))
+            .arg(format!("--root={}", dir.path().join("root").display()))
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while !socket.exists() {
+            assert!(t.elapsed() < Duration::from_secs(20), "fakekitd did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Kitd { child, socket, _dir: dir }
+    }
+}
+
+impl Drop for Kitd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fakekitd_resolves_docker_io_through_the_configured_mirror() {
+    let w = World::new("regk");
+    let reg = Registry::start(&w);
+    let want = reg.push("library/busybox", "latest");
+    let other = reg.push("mirror-probe/x", "1");
+    assert_ne!(want, other);
+
+    let conf =
+        format!("[registry.\"docker.io\"]\nmirrors = [\"{}\"]\n[registry.\"{}\"]\nhttp = true\n", reg.http, reg.http);
+    let k = Kitd::start(&w.agent_ns, &conf).await;
+    let r = fetch(&k.socket, "busybox", true).await;
+    assert_eq!(r.error, "", "{r:?}");
+    assert_eq!(
+        (r.digest.as_str(), r.host.as_str(), r.scheme.as_str()),
+        (want.as_str(), &*reg.http.to_string(), "http")
+    );
+    assert!(reg.log("http").contains("/v2/library/busybox/manifests/latest"), "{}", reg.log("http"));
+
+    // Over TLS with the test CA; without it, buildkitd's x509 error.
+    let tls = reg.tls.to_string();
+    let with_ca = format!("[registry.\"{tls}\"]\nca = [\"{}\"]\n", reg.ca.display());
+    let k = Kitd::start(&w.agent_ns, &with_ca).await;
+    let r = fetch(&k.socket, &format!("{tls}/mirror-probe/x:1"), false).await;
+    assert_eq!((r.error.as_str(), r.digest.as_str(), r.scheme.as_str()), ("", other.as_str(), "https"), "{r:?}");
+    let k = Kitd::start(&w.agent_ns, "").await;
+    let r = fetch(&k.socket, &format!("{tls}/mirror-probe/x:1"), false).await;
+    assert!(r.error.contains("x509: certificate signed by unknown authority"), "{r:?}");
+}
