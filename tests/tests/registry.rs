@@ -8,7 +8,7 @@
 
 use berth_tests::fake_client;
 use berth_tests::netfix::World;
-use berth_tests::proto::fake::{FetchManifestReply, FetchManifestRequest};
+use berth_tests::proto::fake::{FetchManifestReply, FetchManifestRequest, ReadPathRequest};
 use berth_tests::registry::{Registry, SERVICE_RANGE};
 use berth_tests::Agent;
 use std::path::Path;
@@ -99,6 +99,8 @@ async fn fakekitd_resolves_docker_io_through_the_configured_mirror() {
 async fn agent_with(w: &World, reg: &Registry, name: &str, fragment: &str) -> (Agent, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let mut b = Agent::builder(name).netns(&w.agent_ns).args([
+        "--idle-timeout",
+        "1s",
         "--build-egress-deny",
         SERVICE_RANGE,
         "--build-egress-allow",
@@ -157,6 +159,13 @@ async fn a_private_registry_over_tls_is_trusted_through_the_ca_of_the_fragment()
     let r = fetch(agent.socket(), &image, false).await;
     assert_eq!((r.error.as_str(), r.digest.as_str(), r.scheme.as_str()), ("", want.as_str(), "https"), "{r:?}");
     assert!(reg.log("tls").contains("GET /v2/mirror-probe/x/manifests/1"), "{}", reg.log("tls"));
+    // What the daemon trusted is its own copy of the CA, not the operator's file.
+    let mut c = fake_client(agent.socket()).await;
+    let conf = c.read_path(ReadPathRequest { path: r.config.clone(), max_bytes: 0 }).await.unwrap().into_inner();
+    let conf = String::from_utf8_lossy(&conf.data).into_owned();
+    let instance = Path::new(&r.config).parent().unwrap().display().to_string();
+    assert!(conf.contains(&format!("ca = [\"{instance}/")) && !conf.contains(&reg.ca.display().to_string()), "{conf}");
+    drop(c);
     done(agent).await;
 
     // The same registry without its CA: buildkitd's x509 error.
