@@ -135,8 +135,10 @@ async fn a_docker_io_mirror_in_the_fragment_serves_from_busybox_through_the_inst
     assert!(r.config.starts_with(&agent.state_dir().display().to_string()), "the instance's own config: {r:?}");
     // The mirror saw the request, from the agent's address (the build's NAT).
     let log = reg.log("http");
-    let line =
-        log.lines().find(|l| l.contains("GET /v2/library/busybox/manifests/latest")).unwrap_or_else(|| panic!("{log}"));
+    let line = log
+        .lines()
+        .find(|l| l.contains("GET /v2/library/busybox/manifests/latest?ns=docker.io "))
+        .unwrap_or_else(|| panic!("{log}"));
     assert!(line.starts_with(&w.agent_addr.to_string()), "{line}");
     done(agent).await;
 

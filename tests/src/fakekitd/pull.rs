@@ -74,6 +74,8 @@ pub struct Host {
     /// "/v2" or "/v2/<mirror path>".
     pub path: String,
     pub tls: Tls,
+    /// A mirror: requests carry `?ns=<domain>`, as containerd's resolver sends.
+    pub mirror_of: Option<String>,
 }
 
 fn table<'a>(conf: &'a toml::Table, host: &str) -> Option<&'a toml::Table> {
@@ -97,7 +99,7 @@ fn host_opts(host: &str, path: String, t: Option<&toml::Table>) -> Host {
         let cas = t.and_then(|t| t.get("ca")).and_then(|v| v.as_array()).cloned().unwrap_or_default();
         Tls::Verify(cas.iter().filter_map(|v| v.as_str().map(String::from)).collect())
     };
-    Host { host: host.to_string(), path, tls }
+    Host { host: host.to_string(), path, tls, mirror_of: None }
 }
 
 /// The hosts buildkit tries for `domain`, in order.
@@ -111,7 +113,7 @@ pub fn hosts(conf: &toml::Table, domain: &str) -> Vec<Host> {
             Some((h, p)) => (h, format!("/v2/{}", p.trim_end_matches('/'))),
             None => (bare, "/v2".to_string()),
         };
-        out.push(host_opts(host, path, table(conf, host)));
+        out.push(Host { mirror_of: Some(domain.to_string()), ..host_opts(host, path, table(conf, host)) });
     }
     let origin = if domain == "docker.io" { "registry-1.docker.io" } else { domain };
     out.push(host_opts(origin, "/v2".to_string(), own));
@@ -255,7 +257,8 @@ pub fn digest(data: &[u8]) -> String {
 
 /// The manifest of `r` from one host.
 async fn fetch_from(h: &Host, r: &Reference, tls: &Tls) -> Result<FetchManifestReply, String> {
-    let path = format!("{}/{}/manifests/{}", h.path, r.repo, r.reference);
+    let ns = h.mirror_of.as_ref().map(|d| format!("?ns={d}")).unwrap_or_default();
+    let path = format!("{}/{}/manifests/{}{ns}", h.path, r.repo, r.reference);
     let a = request("GET", &h.host, &path, tls, &[("accept", ACCEPT)], Vec::new()).await?;
     if a.status != 200 {
         let text = String::from_utf8_lossy(&a.body[..a.body.len().min(300)]).into_owned();
@@ -379,12 +382,12 @@ mod tests {
         .parse()
         .unwrap();
         let h = hosts(&conf, "docker.io");
-        assert_eq!(h[0], Host { host: "10.0.0.1:5000".into(), path: "/v2".into(), tls: Tls::None });
-        assert_eq!(
-            h[1],
-            Host { host: "m2.test".into(), path: "/v2/prefix".into(), tls: Tls::Verify(vec!["/x/ca.pem".into()]) }
-        );
-        assert_eq!(h[2], Host { host: "registry-1.docker.io".into(), path: "/v2".into(), tls: Tls::Verify(vec![]) });
+        let m = Some("docker.io".to_string());
+        let host =
+            |h: &str, p: &str, tls: Tls, m: Option<String>| Host { host: h.into(), path: p.into(), tls, mirror_of: m };
+        assert_eq!(h[0], host("10.0.0.1:5000", "/v2", Tls::None, m.clone()));
+        assert_eq!(h[1], host("m2.test", "/v2/prefix", Tls::Verify(vec!["/x/ca.pem".into()]), m));
+        assert_eq!(h[2], host("registry-1.docker.io", "/v2", Tls::Verify(vec![]), None));
         assert_eq!(hosts(&conf, "r.test:5443")[0].tls, Tls::Skip { fallback: true });
         assert_eq!(hosts(&conf, "localhost:5000")[0].tls, Tls::None);
     }
