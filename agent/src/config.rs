@@ -323,8 +323,10 @@ pub struct RunArgs {
     /// What shares an instance.
     #[arg(long, env = "BERTH_SCOPE", value_enum, default_value_t = Scope::Client)]
     pub scope: Scope,
-    /// How a CSI pod's socket reaches its daemon (issue 15).
-    #[arg(long, env = "BERTH_POD_SOCKETS", value_enum, default_value_t = PodSockets::Handoff)]
+    /// How a CSI pod's socket reaches its daemon (issue 15). `handoff` counts the
+    /// daemon's connections in the agent's network namespace only: see
+    /// docs/troubleshooting.md before using it for pods with their own network.
+    #[arg(long, env = "BERTH_POD_SOCKETS", value_enum, default_value_t = PodSockets::Proxy)]
     pub pod_sockets: PodSockets,
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -21,7 +21,7 @@ const WAIT: Duration = Duration::from_secs(20);
 
 fn builder(name: &str, extra: &[&str]) -> AgentBuilder {
     Agent::builder(name)
-        .args(["--http-addr", "off"])
+        .args(["--http-addr", "off", "--pod-sockets", "handoff"])
         .args(extra.iter().copied())
         .dir_arg("--csi-endpoint", "csi.sock")
         .dir_arg("--kubelet-dir", "kubelet")
