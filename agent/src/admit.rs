@@ -91,6 +91,20 @@ fn attach(
 
 /// Takes a free slot, or queues for one (see queue.rs).
 async fn wait_slot(ctx: &Arc<Ctx>, client: &Client, stream: &UnixStream) -> Result<OwnedSemaphorePermit, AdmitError> {
+    wait_slot_with(ctx, client, || hung_up(stream)).await
+}
+
+/// [`wait_slot`] with the queue's hang-up check given (issue 15: a pod
+/// socket handed to the daemon has no accepted stream to watch).
+pub(crate) async fn wait_slot_with<F, Fut>(
+    ctx: &Arc<Ctx>,
+    client: &Client,
+    hung_up: F,
+) -> Result<OwnedSemaphorePermit, AdmitError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     if *ctx.draining.borrow() {
         return Err(AdmitError::Draining(ctx.node_name.clone()));
     }
@@ -102,7 +116,7 @@ async fn wait_slot(ctx: &Arc<Ctx>, client: &Client, stream: &UnixStream) -> Resu
     }
     // Hook (bounds): the connections queued clients hold are capped.
     let _held = crate::bounds::enter_queue(ctx, client).map_err(full)?;
-    match queue::take_slot(&ctx.slots, &ctx.queued, size, timeout, || hung_up(stream)).await {
+    match queue::take_slot(&ctx.slots, &ctx.queued, size, timeout, hung_up).await {
         Ok(p) => Ok(p),
         Err(QueueError::Full) => Err(full("queue full".into())),
         Err(QueueError::TimedOut(t)) => Err(full(format!("timed out after {t:?} in the queue"))),

@@ -190,6 +190,16 @@ pub enum Scope {
     Connection,
 }
 
+/// How a CSI pod's socket reaches its daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PodSockets {
+    /// The agent admits, then hands the listening socket to the daemon
+    /// (`--addr fd://`): the pod's bytes never cross the agent.
+    Handoff,
+    /// Every connection through the agent's proxy, as on the node socket.
+    Proxy,
+}
+
 /// The network build steps see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BuildNetwork {
@@ -317,6 +327,11 @@ pub struct RunArgs {
     /// What shares an instance.
     #[arg(long, env = "BERTH_SCOPE", value_enum, default_value_t = Scope::Client)]
     pub scope: Scope,
+    /// How a CSI pod's socket reaches its daemon (issue 15). `handoff` counts the
+    /// daemon's connections in the agent's network namespace only: see
+    /// docs/troubleshooting.md before using it for pods with their own network.
+    #[arg(long, env = "BERTH_POD_SOCKETS", value_enum, default_value_t = PodSockets::Proxy)]
+    pub pod_sockets: PodSockets,
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Serve the CSI Identity and Node services here (kubelet's plugin dir).

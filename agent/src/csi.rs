@@ -106,7 +106,18 @@ impl Csi {
         // Any uid in the pod may connect; only this pod sees the dir.
         let l = listen::bind(&sock, 0o666).map_err(|e| e.to_string())?;
         let token = CancellationToken::new();
-        tokio::spawn(listen::serve(self.ctx.clone(), l, sock, Source::Pod(p.client()), token.clone()));
+        match self.ctx.run.pod_sockets {
+            // Handoff hook (issue 15): the daemon accepts the pod's connections.
+            crate::config::PodSockets::Handoff => match l.into_std() {
+                Ok(l) => {
+                    tokio::spawn(crate::handoff::serve(self.ctx.clone(), l, sock, p.client(), token.clone()));
+                }
+                Err(e) => return Err(format!("{}: {e}", sock.display())),
+            },
+            crate::config::PodSockets::Proxy => {
+                tokio::spawn(listen::serve(self.ctx.clone(), l, sock, Source::Pod(p.client()), token.clone()));
+            }
+        }
         Ok(token)
     }
 

@@ -25,6 +25,9 @@ pub struct Instance {
     pub stop: watch::Sender<bool>,
     /// Disk hook: the instance filesystem's peak and fills, as sampled.
     pub disk: berth_shim::disk::Seen,
+    /// Handoff hook (issue 15): the pod's listening socket, set before
+    /// launch when the daemon accepts the pod's connections itself.
+    pub listener: std::sync::OnceLock<Arc<std::os::fd::OwnedFd>>,
 }
 
 impl Instance {
@@ -41,6 +44,7 @@ impl Instance {
             conns: watch::Sender::new(0),
             stop: watch::Sender::new(false),
             disk: Default::default(),
+            listener: Default::default(),
         })
     }
 

@@ -26,6 +26,7 @@ pub mod config;
 pub mod csi;
 pub mod disk;
 pub mod error;
+pub mod handoff;
 pub mod hints;
 pub mod http;
 pub mod idmap;

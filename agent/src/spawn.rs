@@ -49,7 +49,22 @@ async fn start_shim(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, SpawnE
     let spec =
         tokio::task::spawn_blocking(move || prepare(&c, &i)).await.map_err(|e| SpawnError::Task(e.to_string()))??;
     let dir = &inst.dir;
-    let child = Command::new(&ctx.shim)
+    let mut cmd = Command::new(&ctx.shim);
+    // Handoff hook (issue 15): the pod's listener becomes the shim's fd 3.
+    if let Some(l) = inst.listener.get() {
+        use command_fds::{CommandFdExt, FdMapping};
+        let mapped = l.try_clone().map_err(|source| SpawnError::Exec { path: ctx.shim.clone(), source });
+        let mapped = match mapped {
+            Ok(fd) => fd,
+            Err(e) => {
+                release(&spec, &ctx.run.host.proc_root);
+                return Err(e);
+            }
+        };
+        let fds = vec![FdMapping { parent_fd: mapped, child_fd: spec::LISTEN_FD }];
+        cmd.fd_mappings(fds).expect("one mapping cannot collide");
+    }
+    let child = cmd
         .arg("run")
         .arg(dir)
         .arg("--proc-root")
@@ -92,7 +107,7 @@ fn prepare(ctx: &Ctx, inst: &Instance) -> Result<Spec, SpawnError> {
         dir: dir.clone(),
         ids,
         daemon: ctx.daemon.clone(),
-        args: daemon_args(ctx, dir, &inst.socket(), &dir.join(spec::ROOT_DIR)),
+        args: daemon_args(ctx, dir, &inst.socket(), &dir.join(spec::ROOT_DIR), inst.listener.get().is_some()),
         env: daemon_env(&inst.id, dir, &ctx.daemon_path),
         cgroup,
         stop_grace_ms: ctx.run.stop_grace.as_millis() as u64,
@@ -107,6 +122,7 @@ fn prepare(ctx: &Ctx, inst: &Instance) -> Result<Spec, SpawnError> {
         disk: (ctx.run.limits.build_disk > 0)
             .then(|| DiskSpec::new(dir, dir.join(spec::ROOT_DIR), ctx.run.limits.build_disk)),
         network,
+        listen_fd: inst.listener.get().is_some(),
     };
     // bkconfig: one fragment for both the config and the copies it names.
     let fragment = ctx.bkconfig.current();
@@ -159,17 +175,21 @@ fn release(spec: &Spec, proc_root: &Path) {
     }
 }
 
-fn daemon_args(ctx: &Ctx, dir: &Path, socket: &Path, root: &Path) -> Vec<String> {
-    let mut args = vec![
-        "--addr".to_string(),
-        format!("unix://{}", socket.display()),
+fn daemon_args(ctx: &Ctx, dir: &Path, socket: &Path, root: &Path, listen_fd: bool) -> Vec<String> {
+    let mut args = vec!["--addr".to_string(), format!("unix://{}", socket.display())];
+    // Handoff hook (issue 15): the pod's listener too (fd 3); the daemon
+    // serves every --addr, and readiness still probes the instance socket.
+    if listen_fd {
+        args.extend(["--addr".to_string(), "fd://".to_string()]);
+    }
+    args.extend([
         "--root".to_string(),
         root.display().to_string(),
         "--config".to_string(),
         dir.join(buildkitd::FILE).display().to_string(),
         "--otel-socket-path".to_string(),
         dir.join(spec::RUN_DIR).join(buildkitd::OTEL_SOCKET).display().to_string(),
-    ];
+    ]);
     args.extend(ctx.run.daemon_args.iter().cloned());
     args
 }

@@ -178,6 +178,15 @@ fn block_signals() -> Result<SignalFd, RunError> {
 /// Everything up to the handshake byte. On error, `daemon` holds the
 /// child's pid if it was cloned; dropping the pipes makes it `_exit`.
 fn start(spec: &Spec, dir: &Path, proc_root: &Path, daemon: &mut Option<Pid>) -> Result<Started, RunError> {
+    // fd-passed (issue 15): the pod's listener, inherited from the agent as
+    // fd 3; taken first, so the number is ours before anything is opened.
+    let listener = match spec.listen_fd {
+        true => Some(
+            sys::inherited_listener(crate::spec::LISTEN_FD)
+                .map_err(|errno| RunError::Sys { what: "fd 3, the pod's listening socket from the agent", errno })?,
+        ),
+        false => None,
+    };
     let me = std::process::id() as i32;
     let shim_pid = dir.join(SHIM_PID_FILE);
     let stamp = PidStamp::of(proc_root, me).map_err(io_at(&proc_root.join(me.to_string())))?;
@@ -199,7 +208,8 @@ fn start(spec: &Spec, dir: &Path, proc_root: &Path, daemon: &mut Option<Pid>) ->
     }
     let pid = {
         let fds = [sync_r.as_fd(), err_w.as_fd(), out_w.as_fd(), null.as_fd()];
-        let plan = child::Plan::new(spec, fds, [sync_w.as_raw_fd(), err_r.as_raw_fd(), output.raw_fd()])?;
+        let mut plan = child::Plan::new(spec, fds, [sync_w.as_raw_fd(), err_r.as_raw_fd(), output.raw_fd()])?;
+        plan.listener = listener.as_ref().map(|l| l.as_fd());
         let mut stack = vec![0u8; sys::CHILD_STACK];
         let own_netns = spec.isolate_network || spec.network.is_some();
         let flags = if own_netns { NS_FLAGS | CloneFlags::CLONE_NEWNET } else { NS_FLAGS };
@@ -209,7 +219,8 @@ fn start(spec: &Spec, dir: &Path, proc_root: &Path, daemon: &mut Option<Pid>) ->
     *daemon = Some(pid);
     // The child has its own copies; ours of its ends must go so that EOF
     // and hangups mean what they should.
-    drop((sync_r, err_w, out_w, null));
+    // The daemon has its own copy of the pod's listener too.
+    drop((sync_r, err_w, out_w, null, listener));
 
     for file in ["uid_map", "gid_map"] {
         let path = proc_root.join(pid.to_string()).join(file);

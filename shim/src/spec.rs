@@ -136,7 +136,21 @@ pub struct Spec {
     /// `isolate_network`. Everything here is what `net::release` undoes.
     #[serde(default)]
     pub network: Option<NetSpec>,
+    /// fd-passed (issue 15): the agent hands the pod's listening socket to
+    /// `berth-shim run` as its fd 3 ([`LISTEN_FD`]), and the daemon gets it
+    /// as fd 3 with `LISTEN_FDS=1 LISTEN_PID=1` (socket activation, pid 1 of
+    /// its pid namespace) and serves it as `--addr fd://`. The pod's socket
+    /// file is the agent's (it stays bound), so nothing of it is the
+    /// instance's to remove: `delete` and the sweep treat the instance like
+    /// any other, and a restarted agent sweeps it (the daemon's copy of the
+    /// old listener no longer has a path once the agent binds a new one).
+    #[serde(default)]
+    pub listen_fd: bool,
 }
+
+/// The descriptor number of the pod's listener, in the shim and in the
+/// daemon (`SD_LISTEN_FDS_START`).
+pub const LISTEN_FD: i32 = 3;
 
 /// One instance's share of the isolated network: a /30 of the build subnet,
 /// the host side of the veth pair and the lease that reserves the subnet.
@@ -349,6 +363,7 @@ mod tests {
             owner: "agent-1".into(),
             isolate_network: false,
             log_cap_bytes: 1 << 20,
+            listen_fd: true,
             disk: Some(crate::disk::DiskSpec::new(dir.path(), dir.path().join("root"), 64 << 20)),
             network: Some(NetSpec {
                 host_if: "bk0000abcdef012".into(),
@@ -367,9 +382,10 @@ mod tests {
             serde_json::from_slice(&fs::read(dir.path().join(SPEC_FILE)).unwrap()).unwrap();
         assert!(old.as_object_mut().unwrap().remove("log_cap_bytes").is_some());
         assert!(old.as_object_mut().unwrap().remove("disk").is_some());
+        assert!(old.as_object_mut().unwrap().remove("listen_fd").is_some());
         fs::write(dir.path().join(SPEC_FILE), old.to_string()).unwrap();
         let loaded = Spec::load(dir.path()).unwrap();
         assert_eq!(loaded.log_cap_bytes, 16 << 20);
-        assert_eq!(loaded, Spec { log_cap_bytes: DEFAULT_LOG_CAP, disk: None, ..spec });
+        assert_eq!(loaded, Spec { log_cap_bytes: DEFAULT_LOG_CAP, disk: None, listen_fd: false, ..spec });
     }
 }

@@ -92,6 +92,28 @@ pub fn cloexec_from(first: RawFd) -> Result<(), Errno> {
     Ok(())
 }
 
+/// Takes ownership of a descriptor this process inherited at exec (the
+/// pod's listener the agent passes as fd 3), marks it close-on-exec and
+/// checks that it is a listening socket. Fails with EBADF when `fd` is not
+/// open. Call it early, before anything else could own that number.
+/// (fakekitd uses it too, for `--addr fd://`.)
+pub fn inherited_listener(fd: RawFd) -> Result<OwnedFd, Errno> {
+    // SAFETY: F_GETFD takes no pointer; on a closed number it fails with
+    // EBADF and touches nothing.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: `fd` is open (checked above) and was inherited across exec, so
+    // no OwnedFd or File of this process owns it yet: callers take it once,
+    // at start, before any other code could have wrapped the number.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    fcntl(&owned, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    if !nix::sys::socket::getsockopt(&owned, nix::sys::socket::sockopt::AcceptConn)? {
+        return Err(Errno::EINVAL);
+    }
+    Ok(owned)
+}
+
 /// Resets every catchable signal to its default action and unblocks all.
 ///
 /// Dispositions set to "ignore" survive execve: the Rust runtime ignores

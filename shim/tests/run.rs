@@ -80,6 +80,7 @@ fn setup(daemon: &str, args: &[&str]) -> Inst {
         network: None,
         log_cap_bytes: 16 << 20,
         disk: None,
+        listen_fd: false,
     };
     spec.store().unwrap();
     Inst { _tmp: tmp, dir, spec }

@@ -22,6 +22,7 @@ pub mod footprint;
 pub mod network;
 pub mod proxy;
 pub mod report;
+pub mod sockdiag;
 pub mod start;
 pub mod throughput;
 pub mod warm;
@@ -47,7 +48,7 @@ struct Cli {
     /// Few iterations and small sizes: proves every figure works, measures nothing.
     #[arg(long)]
     quick: bool,
-    /// only these figures (comma-separated: start,throughput,wipe,footprint,concurrency,warm,disk,network,flood).
+    /// only these figures (comma-separated: start,throughput,wipe,footprint,concurrency,warm,disk,network,flood,sockdiag).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Also write the rows, per-figure details and machine facts as JSON here.
@@ -153,8 +154,8 @@ pub struct Figure {
     pub details: Value,
 }
 
-pub const FIGURES: [&str; 9] =
-    ["start", "throughput", "wipe", "footprint", "concurrency", "warm", "disk", "network", "flood"];
+pub const FIGURES: [&str; 10] =
+    ["start", "throughput", "wipe", "footprint", "concurrency", "warm", "disk", "network", "flood", "sockdiag"];
 
 async fn run_figure(name: &str, ctx: &Ctx) -> Result<Figure> {
     match name {
@@ -167,6 +168,7 @@ async fn run_figure(name: &str, ctx: &Ctx) -> Result<Figure> {
         "disk" => disk::run(ctx).await,
         "network" => network::run(ctx).await,
         "flood" => flood::run(ctx).await,
+        "sockdiag" => sockdiag::run(ctx).await,
         other => anyhow::bail!("unknown figure {other}"),
     }
 }

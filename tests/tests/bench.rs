@@ -8,8 +8,18 @@ use berth_tests::harness::bin_path;
 use serde_json::Value;
 use std::process::Command;
 
-const FIGURES: [&str; 9] =
-    ["1 start", "2 throughput", "3 wipe", "4 footprint", "5 concurrency", "6 warm", "7 disk", "8 network", "9 flood"];
+const FIGURES: [&str; 10] = [
+    "1 start",
+    "2 throughput",
+    "3 wipe",
+    "4 footprint",
+    "5 concurrency",
+    "6 warm",
+    "7 disk",
+    "8 network",
+    "9 flood",
+    "10 sockdiag",
+];
 
 /// The table's data rows as cells (`| a | b | ... |`), header and rule excluded.
 fn table_rows(stdout: &str) -> Vec<Vec<String>> {

@@ -521,6 +521,30 @@ fn bad_known_flag_is_a_usage_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid duration"));
 }
 
+/// `--addr fd://` (issue 15) takes the socket-activation fds only when
+/// LISTEN_PID is its own pid, as buildkitd (go-systemd) does; the positive
+/// path (fd 3 from the shim) is tests/tests/handoff.rs.
+#[test]
+fn fd_addr_without_activation_for_this_pid_is_refused() {
+    for (pid, fds) in [(None, None), (Some("1"), Some("1")), (Some("1"), None)] {
+        let mut cmd = Command::new(FAKEKITD);
+        cmd.args(["--addr", "fd://", "--root", "/nonexistent-berth-root"]);
+        cmd.env_remove("LISTEN_PID").env_remove("LISTEN_FDS");
+        if let Some(p) = pid {
+            cmd.env("LISTEN_PID", p);
+        }
+        if let Some(n) = fds {
+            cmd.env("LISTEN_FDS", n);
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{pid:?} {fds:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no sockets found via socket activation"), "{err}");
+    }
+    let out = Command::new(FAKEKITD).args(["--addr", "fd://4"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not supported yet"));
+}
+
 fn client(d: &Daemon, args: &[&str]) -> ClientRun {
     let run = run_fakeclient(&d.socket, args);
     eprintln!("fakeclient {args:?} -> {} {}", run.status, run.stdout.trim());

@@ -73,6 +73,7 @@ mod tests {
             network: None,
             log_cap_bytes: 16 << 20,
             disk: None,
+            listen_fd: false,
         };
         let text = render(&spec, 1500, 10 << 30, None);
         let t: Table = toml::from_str(&text).unwrap();

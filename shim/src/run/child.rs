@@ -12,6 +12,7 @@ use super::RunError;
 use crate::spec::{self, Spec};
 use crate::sys;
 use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::mount::{mount, MsFlags};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::prctl;
@@ -22,7 +23,7 @@ use nix::unistd::{
 };
 use std::ffi::CString;
 use std::io::Write as _;
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
 /// Exit status of the child when its setup failed before exec.
@@ -52,6 +53,9 @@ pub(super) struct Plan<'a> {
     pub out: BorrowedFd<'a>,
     /// /dev/null, becomes stdin.
     pub null: BorrowedFd<'a>,
+    /// fd-passed (issue 15): the pod's listening socket, which becomes the
+    /// daemon's fd 3 without close-on-exec (socket activation).
+    pub listener: Option<BorrowedFd<'a>>,
     /// The parent's ends of the three pipes, which the child must close: the
     /// handshake's write end above all, or the child never sees EOF.
     pub close: [RawFd; 3],
@@ -75,6 +79,14 @@ impl<'a> Plan<'a> {
             }
             envp.push(cstr("env", format!("{k}={v}").as_bytes())?);
         }
+        if spec.listen_fd {
+            // go-systemd's activation (buildkitd's `--addr fd://`) takes the
+            // fds only when LISTEN_PID is its own pid: the daemon is pid 1
+            // of the new pid namespace (exec keeps the clone's pid).
+            envp.push(cstr("env", b"LISTEN_PID=1")?);
+            envp.push(cstr("env", b"LISTEN_FDS=1")?);
+            envp.push(cstr("env", b"LISTEN_FDNAMES=berth-pod")?);
+        }
         let root = cstr("dir", spec.root_dir().as_os_str().as_bytes())?;
         let mut binds = Vec::new();
         if spec.network.is_some() {
@@ -96,6 +108,7 @@ impl<'a> Plan<'a> {
             err_w,
             out,
             null,
+            listener: None,
             close,
         })
     }
@@ -179,6 +192,14 @@ fn setup(plan: &Plan) -> Result<(), Step> {
     // The shim's lifeline (fd 0) and outcome pipe (fd 1) were replaced
     // above; anything else it holds must not reach the daemon either.
     sys::cloexec_from(3).map_err(at("close_range"))?;
+    if let Some(l) = plan.listener {
+        // The shim took it as its own fd 3 (`sys::inherited_listener`), so
+        // it is already the daemon's fd 3: only keep it across exec.
+        if l.as_raw_fd() != spec::LISTEN_FD {
+            return Err(("the pod's listener is not fd 3", Errno::EBADF));
+        }
+        fcntl(l, FcntlArg::F_SETFD(FdFlag::empty())).map_err(at("keep the pod's listener (fd 3) across exec"))?;
+    }
     Ok(())
 }
 

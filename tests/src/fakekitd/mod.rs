@@ -9,6 +9,7 @@
 //! On SIGTERM/SIGINT it kills its Fork children, removes its sockets and exits
 //! with status 1, as buildkitd does after a clean shutdown.
 
+pub mod activation;
 pub mod args;
 pub mod bkconfig;
 pub mod net;
@@ -125,11 +126,24 @@ async fn run(args: args::Args, argv: Vec<String>) -> i32 {
     };
     let addrs = if args.addrs.is_empty() { vec![default_addr()] } else { args.addrs.clone() };
     let mut paths = Vec::new();
+    // `fd://`: the socket-activation listener (taken once, as buildkitd does).
+    let mut activated = None;
     for a in &addrs {
         match a.strip_prefix("unix://") {
             Some(p) if !p.is_empty() => paths.push(PathBuf::from(p)),
+            _ if a.starts_with("fd://") => match activation::listener(a) {
+                Ok(l) if activated.is_none() => activated = Some(l),
+                Ok(_) => {
+                    eprintln!("fakekitd: --addr {a:?}: the activation listener is already served");
+                    return 1;
+                }
+                Err(e) => {
+                    eprintln!("fakekitd: {e}");
+                    return 1;
+                }
+            },
             _ => {
-                eprintln!("fakekitd: unsupported --addr {a:?}: only unix://<path> is served");
+                eprintln!("fakekitd: unsupported --addr {a:?}: only unix://<path> and fd:// are served");
                 return 1;
             }
         }
@@ -171,6 +185,7 @@ async fn run(args: args::Args, argv: Vec<String>) -> i32 {
             }
         }
         let mut incoming: Option<Incoming> = None;
+        listeners.extend(activated);
         for l in listeners {
             let s: Incoming = Box::pin(UnixListenerStream::new(l));
             incoming = Some(match incoming {

@@ -1,0 +1,220 @@
+//! Pod sockets handed to the daemon itself (issue 15): on a CSI pod's socket
+//! the agent admits, then steps out of the data path.
+//!
+//! The agent binds and owns the pod's listener, as on the proxy path. While
+//! the pod has no instance it watches the listener for readability without
+//! accepting (a connection waiting in the backlog). Then admission as
+//! everywhere: a slot, the queue (the connection waits in the backlog), or a
+//! refusal, which the agent answers by accepting that one connection and
+//! writing the usual gRPC error on it. An admitted pod's instance starts
+//! with the listener as the daemon's fd 3 (`--addr fd://`, socket
+//! activation, through the shim: see `spawn` and the shim's `run`); from then
+//! on the daemon accepts the pod's connections and no byte of them crosses
+//! the agent. The daemon also serves its instance socket, which readiness
+//! probes as before.
+//!
+//! Idle reaping counts the daemon's connections on the listener with
+//! sock_diag (see [`diag`]) and feeds the count to the instance's
+//! connection count, which the reaper watches as for proxied connections.
+//! When the instance is wiped the agent watches the listener again.
+
+pub mod diag;
+
+use crate::client::Client;
+use crate::error::AdmitError;
+use crate::instance::Instance;
+use crate::phase::Phase;
+use crate::registry::Attach;
+use crate::Ctx;
+use diag::SocketFile;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+/// How often a running fd-passed instance's connections are counted. The
+/// idle timeout starts at the first count of zero, so this adds at most one
+/// period to it.
+pub const COUNT_EVERY: Duration = Duration::from_millis(250);
+
+/// Serves a pod's socket on the fd path until `stop` fires (unpublish) or
+/// the agent shuts down. `listener` is bound at `path`.
+pub async fn serve(ctx: Arc<Ctx>, listener: UnixListener, path: PathBuf, client: Client, stop: CancellationToken) {
+    let file = match listener.set_nonblocking(true).and_then(|()| SocketFile::of(&path)) {
+        Ok(f) => f,
+        Err(e) => {
+            warn!(socket = %path.display(), error = %e, "cannot watch the pod's socket");
+            return;
+        }
+    };
+    let fd = Arc::new(OwnedFd::from(listener));
+    // `with_interest` is deprecated for types whose raw fd may change or
+    // close under the registration; an `Arc<OwnedFd>` held by the AsyncFd
+    // itself can do neither, and its unsafe successor is barred here.
+    #[allow(deprecated)]
+    let watch = match AsyncFd::with_interest(fd.clone(), Interest::READABLE) {
+        Ok(w) => w,
+        Err(e) => {
+            warn!(socket = %path.display(), error = %e, "cannot watch the pod's socket");
+            return;
+        }
+    };
+    let mut shutdown = ctx.shutdown.subscribe();
+    info!(socket = %path.display(), client = %client.display, "listening (connections handed to the daemon)");
+    loop {
+        // A connection waits in the backlog: readable, nothing accepted.
+        tokio::select! {
+            r = watch.readable() => match r {
+                Ok(mut guard) => {
+                    if !pending(fd.as_fd()) {
+                        // Woken for nothing (the last daemon took them all).
+                        guard.clear_ready();
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    warn!(socket = %path.display(), error = %e, "watching the pod's socket failed");
+                    return;
+                }
+            },
+            _ = crate::raised(&mut shutdown) => return,
+            _ = stop.cancelled() => return,
+        }
+        let admitted = tokio::select! {
+            a = admit(&ctx, &client, &fd, file) => a,
+            _ = crate::raised(&mut shutdown) => return,
+            _ = stop.cancelled() => return,
+        };
+        match admitted {
+            Ok(inst) => {
+                // The daemon accepts from here on; the agent waits for the
+                // instance's end to watch again.
+                tokio::select! {
+                    _ = inst.wiped() => debug!(instance = %inst.id, "pod's instance wiped; watching its socket again"),
+                    _ = crate::raised(&mut shutdown) => return,
+                    _ = stop.cancelled() => return,
+                }
+            }
+            Err(e) => refuse_one(&ctx, &fd, e).await,
+        }
+    }
+}
+
+/// True when a connection waits in the listener's backlog.
+fn pending(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut p = [PollFd::new(fd, PollFlags::POLLIN)];
+    matches!(poll(&mut p, PollTimeout::ZERO), Ok(n) if n > 0)
+}
+
+/// Accepts ONE waiting connection and answers it with the refusal, as the
+/// proxy path does (refuse.rs). The next waiting one, if any, goes through
+/// admission again.
+async fn refuse_one(ctx: &Arc<Ctx>, fd: &Arc<OwnedFd>, e: AdmitError) {
+    ctx.metrics.refused(e.metric_label());
+    warn!(error = %e, "connection refused");
+    let accepted = fd
+        .try_clone()
+        .map(UnixListener::from)
+        .and_then(|l| l.accept())
+        .and_then(|(s, _)| s.set_nonblocking(true).map(|()| s))
+        .and_then(tokio::net::UnixStream::from_std);
+    match accepted {
+        // Its own task: a client that never reads must not hold up the socket.
+        Ok(stream) => {
+            tokio::spawn(crate::refuse::refuse(stream, e.to_status()).in_current_span());
+        }
+        Err(err) => {
+            // EAGAIN: the client gave up already. Anything else: back off.
+            debug!(error = %err, "no connection to refuse");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Admission for a pod whose connection waits in the backlog: its running
+/// instance, or a new one on a free or queued-for slot, started with the
+/// listener. Every error is the refusal to answer.
+async fn admit(
+    ctx: &Arc<Ctx>,
+    client: &Client,
+    fd: &Arc<OwnedFd>,
+    file: SocketFile,
+) -> Result<Arc<Instance>, AdmitError> {
+    if let Some(inst) = ctx.registry.get(&client.key) {
+        return Ok(inst);
+    }
+    if *ctx.draining.borrow() {
+        return Err(AdmitError::Draining(ctx.node_name.clone()));
+    }
+    if let Some(e) = ctx.registry.recent_failure(client) {
+        return Err(e);
+    }
+    crate::disk::admit(ctx)?;
+    // A client that gives up while queued cannot be seen without accepting:
+    // its connection stays in the backlog and the queue timeout bounds it.
+    let permit = crate::admit::wait_slot_with(ctx, client, || async { false }).await?;
+    let draining = *ctx.draining.borrow();
+    let new = || {
+        let inst = crate::life::new_instance(ctx, Some(client));
+        let _ = inst.listener.set(fd.clone());
+        inst
+    };
+    match ctx.registry.attach(client, draining, Some(new)) {
+        Attach::Created(inst) => {
+            // attach counted one connection: it stands for the one in the
+            // backlog until the first count replaces it.
+            crate::life::launch(ctx.clone(), inst.clone(), permit);
+            let span = tracing::info_span!(parent: None, "handoff", instance = %inst.id);
+            tokio::spawn(count_conns(inst.clone(), file).instrument(span));
+            info!(instance = %inst.id, client = %client.display, "pod's socket handed to its instance");
+            Ok(inst)
+        }
+        // Another path got there first (the slot goes back to the queue).
+        Attach::Joined(inst) | Attach::Claimed(inst) => {
+            inst.conns.send_modify(|c| *c = c.saturating_sub(1));
+            Ok(inst)
+        }
+        Attach::Draining => Err(AdmitError::Draining(ctx.node_name.clone())),
+        Attach::Empty => Err(AdmitError::Gone { id: "none".into() }),
+    }
+}
+
+/// Keeps the instance's connection count at what the daemon holds on the
+/// pod's listener, from readiness to the end; the reaper does the rest.
+async fn count_conns(inst: Arc<Instance>, file: SocketFile) {
+    let mut phase = inst.phase.subscribe();
+    if phase.wait_for(|p| !matches!(p, Phase::Starting)).await.is_err() {
+        return;
+    }
+    let mut last_err = None;
+    loop {
+        if inst.phase.borrow().is_over() {
+            return;
+        }
+        match tokio::task::spawn_blocking(move || diag::count(file)).await {
+            Ok(Ok(n)) => {
+                last_err = None;
+                inst.conns.send_if_modified(|c| std::mem::replace(c, n) != n);
+            }
+            Ok(Err(e)) => {
+                // Counting fails: keep the last count (never reap a build
+                // because the kernel would not answer).
+                if last_err.as_ref().map(|s: &String| s != &e.to_string()).unwrap_or(true) {
+                    warn!(instance = %inst.id, error = %e, "cannot count the pod's connections (sock_diag)");
+                }
+                last_err = Some(e.to_string());
+            }
+            Err(e) => warn!(error = %e, "count task failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(COUNT_EVERY) => {}
+            _ = phase.wait_for(|p| p.is_over()) => return,
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Pod sockets handed to the daemon itself (issue 15): the agent admits on
+//! a CSI pod's socket, then the daemon (fakekitd, taught `--addr fd://`)
+//! accepts the pod's connections from the same listener. The suite plays
+//! kubelet as csi.rs does and looks at the agent's descriptors, the kernel's
+//! unix socket table and the agent's log.
+
+use berth_agent::proto::csi_v1::node_client::NodeClient;
+use berth_agent::proto::csi_v1::{NodePublishVolumeRequest, NodeUnpublishVolumeRequest};
+use berth_tests::harness::{is_instance_end, Agent, AgentBuilder};
+use berth_tests::kubelet::{mount_cap, pod_ctx};
+use berth_tests::pattern::{self, Checksum};
+use berth_tests::proto::fake::{EchoMessage, PingRequest};
+use berth_tests::{fake_client, try_channel};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn builder(name: &str, extra: &[&str]) -> AgentBuilder {
+    Agent::builder(name)
+        .args(["--http-addr", "off", "--pod-sockets", "handoff"])
+        .args(extra.iter().copied())
+        .dir_arg("--csi-endpoint", "csi.sock")
+        .dir_arg("--kubelet-dir", "kubelet")
+        .dir_arg("--run-dir", "run")
+}
+
+async fn publish(agent: &Agent, vol: &str, pod: &str) -> PathBuf {
+    let target = agent.dir().join(format!("kubelet/pods/{pod}/volumes/kubernetes.io~csi/{vol}/mount"));
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    let req = NodePublishVolumeRequest {
+        volume_id: vol.into(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(mount_cap()),
+        volume_context: pod_ctx(pod, "ci"),
+        ..Default::default()
+    };
+    node(agent).await.node_publish_volume(req).await.expect("publish");
+    target.join("buildkitd.sock")
+}
+
+async fn unpublish(agent: &Agent, vol: &str, pod: &str) {
+    let target = agent.dir().join(format!("kubelet/pods/{pod}/volumes/kubernetes.io~csi/{vol}/mount"));
+    let req = NodeUnpublishVolumeRequest { volume_id: vol.into(), target_path: target.display().to_string() };
+    node(agent).await.node_unpublish_volume(req).await.expect("unpublish");
+}
+
+async fn node(agent: &Agent) -> NodeClient<tonic::transport::Channel> {
+    let sock = agent.dir().join("csi.sock");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match try_channel(&sock).await {
+            Ok(c) => return NodeClient::new(c),
+            Err(e) if Instant::now() > deadline => panic!("connect {}: {e}", sock.display()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Inodes of the unix sockets in this network namespace bound (or accepted)
+/// under `path`, from /proc/net/unix.
+fn socket_inodes_named(path: &Path) -> HashSet<u64> {
+    let name = path.display().to_string();
+    std::fs::read_to_string("/proc/net/unix")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 8 && f[7] == name).then(|| f[6].parse().ok()).flatten()
+        })
+        .collect()
+}
+
+/// Socket inodes a process holds, from /proc/<pid>/fd.
+fn socket_inodes_of(pid: u32) -> HashSet<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|t| {
+                    let t = t.to_string_lossy().to_string();
+                    t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn daemon_pid(agent: &Agent, id: &str) -> u32 {
+    let stamp = std::fs::read_to_string(agent.state_dir().join("instances").join(id).join("daemon.pid")).unwrap();
+    stamp.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_connections_reach_the_daemon_with_no_descriptor_in_the_agent() {
+    let agent = builder("handoff-fds", &["--idle-timeout", "30s"]).start_async().await;
+    let sock = publish(&agent, "hv-fds", "pod-fds").await;
+    // The name the pod's sockets carry in the kernel: where the agent bound it.
+    let bound = agent.dir().join("run/pods/hv-fds/buildkitd.sock");
+
+    // A transfer in flight: half sent and echoed back, half to go.
+    let (tx, rx) = tokio::sync::mpsc::channel::<EchoMessage>(4);
+    let mut client = fake_client(&sock).await;
+    let mut replies = client.echo(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    const CHUNK: usize = 256 << 10;
+    const CHUNKS: u64 = 64;
+    let mut sum = Checksum::new();
+    for i in 0..CHUNKS / 2 {
+        tx.send(EchoMessage { data: pattern::chunk(i * CHUNK as u64, CHUNK) }).await.unwrap();
+        sum.update(&replies.next().await.unwrap().unwrap().data);
+    }
+    let ready = agent
+        .wait_log(|v| v["message"] == "pod's socket handed to its instance" && v.to_string().contains("pod-fds"), WAIT)
+        .expect("the pod's socket was handed to its instance");
+    let id = ready["instance"].as_str().unwrap().to_string();
+
+    let named = socket_inodes_named(&bound);
+    let in_agent: HashSet<u64> = socket_inodes_of(agent.agent_pid().unwrap()).intersection(&named).copied().collect();
+    let in_daemon: HashSet<u64> = socket_inodes_of(daemon_pid(&agent, &id)).intersection(&named).copied().collect();
+    // The listener (in both) plus at least the transfer's connection (and
+    // the connection fake_client's channel holds) in the daemon only.
+    assert!(named.len() >= 2, "the pod's listener and its connection under {}: {named:?}", bound.display());
+    assert_eq!(in_agent.len(), 1, "the agent holds only the pod's listener, no connection: {in_agent:?} of {named:?}");
+    assert!(in_agent.is_subset(&in_daemon), "the daemon holds the same listener: {in_agent:?} vs {in_daemon:?}");
+    assert!(in_daemon.len() >= 2, "the daemon holds the pod's connection: {in_daemon:?} of {named:?}");
+
+    for i in CHUNKS / 2..CHUNKS {
+        tx.send(EchoMessage { data: pattern::chunk(i * CHUNK as u64, CHUNK) }).await.unwrap();
+        sum.update(&replies.next().await.unwrap().unwrap().data);
+    }
+    drop(tx);
+    assert!(replies.next().await.is_none());
+    assert_eq!(sum, pattern::expected(CHUNKS * CHUNK as u64), "the transfer's checksum");
+    // The daemon serves both addresses: its instance socket (the probe's)
+    // and fd:// (the pod's).
+    let ping = client.ping(PingRequest {}).await.unwrap().into_inner();
+    assert!(ping.addrs.iter().any(|a| a == "fd://"), "{:?}", ping.addrs);
+    drop((client, replies));
+
+    unpublish(&agent, "hv-fds", "pod-fds").await;
+    let end = agent.wait_log(|v| is_instance_end(v) && v["instance"] == id.as_str(), WAIT).expect("instance ended");
+    assert_eq!(end["reason"], "unpublished");
+    let leaks = agent.wait_clean_async(WAIT).await;
+    assert!(leaks.is_empty(), "{leaks:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fd_passed_instance_is_reaped_when_its_connections_are_gone() {
+    let agent = builder("handoff-idle", &["--idle-timeout", "1s"]).start_async().await;
+    let sock = publish(&agent, "hv-idle", "pod-idle").await;
+    let mut client = fake_client(&sock).await;
+    let first = client.ping(PingRequest {}).await.unwrap().into_inner();
+    let ready = agent
+        .wait_log(|v| v["message"] == "pod's socket handed to its instance" && v.to_string().contains("pod-idle"), WAIT)
+        .unwrap();
+    let id = ready["instance"].as_str().unwrap().to_string();
+    // With a connection open (held by the channel) for several idle
+    // timeouts, the instance lives on: the count sees the connection.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        !agent.instance_ends().iter().any(|v| v["instance"] == id.as_str()),
+        "reaped while the pod held a connection: {:?}",
+        agent.instance_ends()
+    );
+    assert_eq!(client.ping(PingRequest {}).await.unwrap().into_inner().token, first.token);
+    // The connection goes: reaped after the idle timeout.
+    drop(client);
+    let end = agent.wait_log(|v| is_instance_end(v) && v["instance"] == id.as_str(), WAIT).expect("reaped when idle");
+    assert_eq!(end["reason"], "idle");
+    // The pod's next connection gets a fresh instance through the same socket.
+    let again = fake_client(&sock).await.ping(PingRequest {}).await.unwrap().into_inner();
+    assert_ne!(again.token, first.token);
+    unpublish(&agent, "hv-idle", "pod-idle").await;
+    let leaks = agent.wait_clean_async(WAIT).await;
+    assert!(leaks.is_empty(), "{leaks:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_is_refused_on_its_socket_before_any_instance_exists() {
+    let agent = builder("handoff-refuse", &["--idle-timeout", "30s", "--max-builds", "1", "--queue-size", "0"])
+        .start_async()
+        .await;
+    let busy = publish(&agent, "hv-busy", "pod-busy").await;
+    let refused = publish(&agent, "hv-refused", "pod-refused").await;
+    let mut holder = fake_client(&busy).await;
+    holder.ping(PingRequest {}).await.unwrap();
+    // The only slot is taken and nothing may queue: the agent accepts the
+    // second pod's connection and answers it with the refusal.
+    let e = fake_client(&refused).await.ping(PingRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("1/1 builds running") && e.message().contains("queue full"), "{}", e.message());
+    assert!(
+        !agent
+            .logs()
+            .iter()
+            .any(|v| v["message"] == "pod's socket handed to its instance" && v.to_string().contains("pod-refused")),
+        "no instance for the refused pod"
+    );
+    // The agent keeps watching: once the slot is free, the same socket serves.
+    drop(holder);
+    unpublish(&agent, "hv-busy", "pod-busy").await;
+    fake_client(&refused).await.ping(PingRequest {}).await.expect("served once a slot is free");
+    unpublish(&agent, "hv-refused", "pod-refused").await;
+    let leaks = agent.wait_clean_async(WAIT).await;
+    assert!(leaks.is_empty(), "{leaks:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_sigkill_with_an_fd_passed_instance_leaves_nothing_after_restart() {
+    let agent = builder("handoff-kill", &["--idle-timeout", "30s"]).start_async().await;
+    let sock = publish(&agent, "hv-kill", "pod-kill").await;
+    let mut client = fake_client(&sock).await;
+    let before = client.ping(PingRequest {}).await.unwrap().into_inner();
+    agent.sigkill();
+    agent.wait_exit_async(WAIT).await.expect("agent died");
+    drop(client);
+    agent.restart_async().await;
+    // The restarted agent binds the pod's socket anew and swept the old
+    // instance (its daemon held the old listener, which no path reaches).
+    let every = Duration::from_millis(20);
+    berth_tests::harness::poll_async(WAIT, every, || std::os::unix::net::UnixStream::connect(&sock).ok())
+        .await
+        .expect("the pod's socket listens again after the restart");
+    let after = fake_client(&sock).await.ping(PingRequest {}).await.expect("served after the restart").into_inner();
+    assert_ne!(before.token, after.token);
+    unpublish(&agent, "hv-kill", "pod-kill").await;
+    let leaks = agent.wait_clean_async(WAIT).await;
+    assert!(leaks.is_empty(), "{leaks:?}");
+}
