@@ -44,6 +44,8 @@ pub struct Metrics {
     pub kubelet_registered: Gauge,
     /// Kubernetes Events about pods' instances, by result (see `reap::post`).
     pub events: Family<ResultLabel, Counter>,
+    /// The isolated build network's (see `network::metrics`).
+    pub network: crate::network::metrics::NetMetrics,
 }
 
 impl Default for Metrics {
@@ -74,6 +76,7 @@ impl Metrics {
             limit_hits: Family::default(),
             kubelet_registered: Gauge::default(),
             events: Family::default(),
+            network: Default::default(),
             registry: Registry::default(),
         };
         registry.register("slots", "Build slots on this node", m.slots_total.clone());
@@ -126,7 +129,8 @@ impl Metrics {
         for d in ["up", "down"] {
             let _ = m.proxied_bytes.get_or_create(&DirectionLabel { direction: d.into() });
         }
-        Metrics { registry, ..m }
+        let network = crate::network::metrics::NetMetrics::register(&mut registry);
+        Metrics { registry, network, ..m }
     }
 
     /// End reasons are an enum, so the label set stays bounded.

@@ -72,7 +72,13 @@ impl Drop for Remote {
 /// MB/s of one download of `bytes` through `agent`'s instance.
 async fn download(agent: &BenchAgent, addr: Ipv4Addr, bytes: u64) -> Result<f64> {
     let mut c = crate::grpc::fake_client(&agent.socket).await;
-    let req = ConnectRequest { address: format!("{addr}:8080"), send: vec![], timeout_ms: 5000, discard: true };
+    let req = ConnectRequest {
+        address: format!("{addr}:8080"),
+        send: vec![],
+        timeout_ms: 5000,
+        discard: true,
+        source: String::new(),
+    };
     let r = c.dial(req).await?.into_inner();
     if r.result != "ok" || r.received_bytes != bytes {
         bail!("download through the instance: {r:?}");
