@@ -209,4 +209,35 @@ mod tests {
         assert!(out < s.find("ip daddr @deny").unwrap(), "DNS must pass before the deny list");
         assert!(s.find("ip daddr @allow").unwrap() < s.find("ip daddr @deny").unwrap());
     }
+
+    /// Against the kernel (root, `nft`): redefining the table keeps the
+    /// builds' elements and resets nothing else a running build needs.
+    #[tokio::test]
+    async fn a_reinstall_keeps_the_builds_elements() {
+        use berth_shim::net::nft;
+        let table = format!("berth_fwut{}", std::process::id());
+        let r = Rules {
+            table: table.clone(),
+            prefix: "bkfwut".into(),
+            subnet: "10.251.0.0/24".parse().unwrap(),
+            deny: vec![],
+            allow: vec!["10.96.0.1/32".parse().unwrap()],
+            dns: vec![],
+        };
+        if let Err(FirewallError::NoNft(e)) = install(&r).await {
+            return eprintln!("SKIPPED: no nft binary ({e}): apt-get install nftables");
+        }
+        let a = Ipv4Addr::new(10, 251, 0, 2);
+        nft::add_build(&table, a, "bkfwut0001").unwrap();
+        let again = install(&Rules { deny: vec!["10.97.0.0/16".parse().unwrap()], ..r.clone() }).await;
+        let elements = nft::builds(&table);
+        let counters = nft::counters(&table);
+        let listed = std::process::Command::new("nft").args(["list", "table", "inet", &table]).output().unwrap();
+        let _ = std::process::Command::new("nft").args(["delete", "table", "inet", &table]).output();
+        again.unwrap();
+        assert_eq!(elements.unwrap(), vec![(a, "bkfwut0001".to_string())]);
+        assert_eq!(counters.unwrap().len(), COUNTERS.len());
+        let text = String::from_utf8_lossy(&listed.stdout);
+        assert!(text.contains("10.97.0.0/16") && text.matches("chain build_out").count() == 1, "{text}");
+    }
 }

@@ -115,6 +115,7 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
         th.push(download(&host, remote.addr, bytes).await?);
     }
     drop(remote);
+    let (scrape_nft, scrape_rest) = scrape_cost(&iso._net.table, if plan.quick { 20 } else { 500 })?;
     let leaks = [iso.stop().await?, host.stop().await?].concat();
     if !leaks.is_empty() {
         bail!("leaks after the network figure: {leaks:?}");
@@ -132,6 +133,37 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
             ti.iter().cloned().fold(0.0, f64::max),
         )
         .baseline(th.iter().cloned().fold(0.0, f64::max), "host mode, same server"),
+        Row::new(
+            "8 network",
+            format!("/metrics: firewall counters read p50 (n={})", scrape_nft.len()),
+            "us",
+            p50(&scrape_nft),
+        )
+        .baseline(p50(&scrape_rest), "encoding the rest of /metrics, same run"),
     ];
-    Ok(Figure { rows, details: json!({"isolated_ms": si, "host_ms": sh_, "nat_mbps": ti, "host_mbps": th}) })
+    Ok(Figure {
+        rows,
+        details: json!({"isolated_ms": si, "host_ms": sh_, "nat_mbps": ti, "host_mbps": th, "scrape_nft_us": scrape_nft, "scrape_rest_us": scrape_rest}),
+    })
+}
+
+/// What the isolated network adds to a /metrics scrape (one netlink dump of
+/// the table's named counters, as `network::metrics` does at each scrape),
+/// against encoding the rest of the agent's metrics: microseconds, `n` each,
+/// interleaved.
+fn scrape_cost(table: &str, n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    let m = berth_agent::metrics::Metrics::new();
+    let (mut nft, mut rest) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        let c = berth_shim::net::nft::counters(table)?;
+        nft.push(t.elapsed().as_secs_f64() * 1e6);
+        if c.len() < 6 {
+            bail!("table {table} has {} named counters, expected 6", c.len());
+        }
+        let t = std::time::Instant::now();
+        std::hint::black_box(m.encode());
+        rest.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok((nft, rest))
 }
