@@ -116,6 +116,7 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
     }
     drop(remote);
     let (scrape_nft, scrape_rest) = scrape_cost(&iso._net.table, if plan.quick { 20 } else { 500 })?;
+    let (elem_nl, elem_exec) = element_cost(&iso._net.table, if plan.quick { 5 } else { 40 })?;
     let leaks = [iso.stop().await?, host.stop().await?].concat();
     if !leaks.is_empty() {
         bail!("leaks after the network figure: {leaks:?}");
@@ -140,10 +141,17 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
             p50(&scrape_nft),
         )
         .baseline(p50(&scrape_rest), "encoding the rest of /metrics, same run"),
+        Row::new(
+            "8 network",
+            format!("builds set element add (start path), netlink p50 (n={})", elem_nl.len()),
+            "us",
+            p50(&elem_nl),
+        )
+        .baseline(p50(&elem_exec), "the same add through an `nft` exec, same run"),
     ];
     Ok(Figure {
         rows,
-        details: json!({"isolated_ms": si, "host_ms": sh_, "nat_mbps": ti, "host_mbps": th, "scrape_nft_us": scrape_nft, "scrape_rest_us": scrape_rest}),
+        details: json!({"isolated_ms": si, "host_ms": sh_, "nat_mbps": ti, "host_mbps": th, "scrape_nft_us": scrape_nft, "scrape_rest_us": scrape_rest, "element_netlink_us": elem_nl, "element_nft_exec_us": elem_exec}),
     })
 }
 
@@ -166,4 +174,27 @@ fn scrape_cost(table: &str, n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
         rest.push(t.elapsed().as_secs_f64() * 1e6);
     }
     Ok((nft, rest))
+}
+
+/// What the shim's per-instance element costs on the start path (the add,
+/// with the veth) over netlink, against the same add through an `nft`
+/// exec: microseconds, `n` each, interleaved, on an address outside every
+/// lease. Each add is undone untimed (the delete, at the wipe, waits out an
+/// RCU grace period when its socket closes: not on the start path).
+fn element_cost(table: &str, n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    use berth_shim::net::nft;
+    let (addr, name) = (Ipv4Addr::new(192, 0, 2, 2), "bkbenchelem");
+    let (mut nl, mut exec) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        nft::add_build(table, addr, name)?;
+        nl.push(t.elapsed().as_secs_f64() * 1e6);
+        nft::remove_build(table, addr, name)?;
+        let elem = format!("{{ {addr} . \"{name}\" }}");
+        let t = std::time::Instant::now();
+        sh(&["nft", "add", "element", "inet", table, "builds", &elem]);
+        exec.push(t.elapsed().as_secs_f64() * 1e6);
+        nft::remove_build(table, addr, name)?;
+    }
+    Ok((nl, exec))
 }
