@@ -120,6 +120,9 @@ impl Ctx {
         self.metrics.slots_total.set(self.slots_total as i64);
         self.metrics.slots_in_use.set(self.slots_in_use() as i64);
         self.metrics.queue_depth.set(self.queued.load(Ordering::Relaxed) as i64);
+        if let Some(n) = &self.network {
+            self.metrics.network.refresh(n);
+        }
     }
 }
 

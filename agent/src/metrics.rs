@@ -54,6 +54,8 @@ pub struct Metrics {
     pub buildkitd_config_reloads: Family<ResultLabel, Counter>,
     /// bkconfig: 1 for the sha256 of the fragment in force.
     pub buildkitd_config_info: Family<HashLabel, Gauge>,
+    /// The isolated build network's (see `network::metrics`).
+    pub network: crate::network::metrics::NetMetrics,
 }
 
 impl Default for Metrics {
@@ -86,6 +88,7 @@ impl Metrics {
             events: Family::default(),
             buildkitd_config_reloads: Family::default(),
             buildkitd_config_info: Family::default(),
+            network: Default::default(),
             registry: Registry::default(),
         };
         registry.register("slots", "Build slots on this node", m.slots_total.clone());
@@ -151,7 +154,8 @@ impl Metrics {
         for d in ["up", "down"] {
             let _ = m.proxied_bytes.get_or_create(&DirectionLabel { direction: d.into() });
         }
-        Metrics { registry, ..m }
+        let network = crate::network::metrics::NetMetrics::register(&mut registry);
+        Metrics { registry, network, ..m }
     }
 
     /// End reasons are an enum, so the label set stays bounded.

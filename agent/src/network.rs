@@ -5,15 +5,18 @@
 //! removes the veth itself (see `berth_shim::net`), so `berth-shim delete`
 //! undoes an instance's network from its spec alone.
 //!
-//! No per-instance firewall state: the rules match the host-side veths by
-//! name prefix (`bk<tag>`, the tag derived from the table name) and refuse
-//! spoofed sources by a reverse-path lookup, so starting an instance never
-//! runs `nft` (6 ms per call on the 2-core test machine, more than the whole
-//! start budget) and nothing of an instance can be left in the table.
+//! Per-instance firewall state is one element of the `builds` set (`inner
+//! address . host veth`), added and removed by the shim over netlink with
+//! the veth (see `berth_shim::net::nft`): the rules are never rewritten and
+//! no `nft` runs at an instance's start (6 ms per call on the 2-core test
+//! machine, more than the whole start budget). The rules match the
+//! host-side veths by name prefix (`bk<tag>`, the tag derived from the
+//! table name); the sweep removes the elements a crash left.
 #![forbid(unsafe_code)]
 
 pub mod dns;
 pub mod firewall;
+pub mod metrics;
 pub mod pool;
 
 use crate::config::{BuildNetwork, NetArgs};
@@ -56,6 +59,8 @@ pub struct Network {
     pub prefix: String,
     /// The instance resolv.conf, rendered once at start.
     pub resolv: String,
+    /// berth's nftables table (`--build-nft-table`).
+    pub table: String,
 }
 
 /// Four hex digits naming the table in interface names (FNV-1a: stable
@@ -107,7 +112,7 @@ impl Network {
         firewall::install(&rules).await?;
         let pool = pool::SubnetPool::new(net.build_subnet, state_dir.join("net-leases"))?;
         info!(table = %net.build_nft_table, veth_prefix = %prefix, subnet = %net.build_subnet, instances = pool.capacity(), resolvers = ?resolvers.nameservers, deny = ?net.build_egress_deny, allow = ?net.build_egress_allow, "isolated build network ready");
-        Ok(Some(Network { pool, prefix, resolv: resolvers.render() }))
+        Ok(Some(Network { pool, prefix, resolv: resolvers.render(), table: net.build_nft_table.clone() }))
     }
 
     /// Leases a subnet for instance `id` of agent `owner`.
@@ -119,6 +124,7 @@ impl Network {
             inner_addr: l.inner,
             prefix_len: 30,
             lease: l.path,
+            nft_table: self.table.clone(),
         })
     }
 
@@ -139,8 +145,9 @@ impl Network {
 
     /// Removes subnet leases whose agent is dead and whose instance dir is
     /// gone (after `berth-shim delete` ran on the dirs), with their veths;
-    /// then any veth of this table's prefix that no lease names. Returns how
-    /// many leases and links it removed.
+    /// then any veth of this table's prefix that no lease names, and any
+    /// element of the `builds` set whose veth no kept lease names. Returns
+    /// how many leases and links it removed.
     pub async fn sweep(&self, instances: &Path, alive: impl Fn(&str) -> bool) -> (usize, usize) {
         let handle = match berth_shim::net::connect() {
             Ok(h) => h,
@@ -182,7 +189,26 @@ impl Network {
             }
             Err(e) => warn!(error = %e, "network sweep: cannot list links"),
         }
+        self.sweep_elements(&kept);
         (leases, links)
+    }
+}
+
+impl Network {
+    /// Removes the elements of the `builds` set whose veth is of this
+    /// agent's prefix and not in `kept` (a lease of a live instance).
+    fn sweep_elements(&self, kept: &[String]) {
+        use berth_shim::net::nft;
+        let elements = match nft::builds(&self.table) {
+            Ok(e) => e,
+            Err(e) => return warn!(error = %e, "network sweep: cannot list the builds set"),
+        };
+        for (addr, name) in elements.into_iter().filter(|(_, n)| n.starts_with(&self.prefix) && !kept.contains(n)) {
+            match nft::remove_build(&self.table, addr, &name) {
+                Ok(_) => info!(element = %format!("{addr} . {name}"), "removed a stale nftables element"),
+                Err(e) => warn!(error = %e, "cannot remove a stale nftables element"),
+            }
+        }
     }
 }
 

@@ -97,6 +97,7 @@ fn prepare(ctx: &Ctx, inst: &Instance) -> Result<Spec, SpawnError> {
         Ok(n) => n,
         Err(e) => {
             let _ = fs::remove_file(&lease);
+            ctx.metrics.network.failed(e.metric_label());
             return Err(SpawnError::Network(e));
         }
     };
@@ -259,6 +260,7 @@ pub async fn wait_ready(
                     None => "the shim died without a report".to_string(),
                 };
                 let tail = outcome.as_ref().map(|o| with_hint(&o.stderr_tail)).unwrap_or_default();
+                ctx.metrics.network.shim_failed(&reason);
                 let e = AdmitError::StartFailed { id: inst.id.clone(), client: inst.client().display, reason, tail };
                 return Err((e, outcome));
             }

@@ -18,11 +18,19 @@
 //! route are set over a second netlink socket opened inside the child's
 //! namespace (setns of this thread only, and back at once).
 //!
+//! The firewall element: with the veth, the shim adds `inner address . host
+//! veth` to the `builds` set of berth's table (see [`nft`]); the rules
+//! accept a build's packets only from that pair. Added before the child is
+//! released, so the daemon never sends a packet the set does not know.
+//!
 //! Release: the host side vanishes by itself when the instance's namespace
 //! dies (its peer is destroyed with it), but the teardown and `delete`
-//! still remove it by name, then the subnet lease: the lease goes last, so a
-//! subnet is never handed out while a link of it may still exist.
+//! still remove it by name, then the set element, then the subnet lease:
+//! the lease goes last, so a subnet is never handed out while a link or an
+//! element of it may still exist.
 #![forbid(unsafe_code)]
+
+pub mod nft;
 
 use crate::spec::NetSpec;
 use futures_util::TryStreamExt;
@@ -48,6 +56,8 @@ pub enum NetError {
     Setns { path: PathBuf, errno: Errno },
     #[error("no link named {0} after creating it")]
     NoLink(String),
+    #[error(transparent)]
+    Nft(#[from] nft::NftError),
 }
 
 impl NetError {
@@ -57,6 +67,7 @@ impl NetError {
             NetError::Io { .. } => "io",
             NetError::Setns { .. } => "setns",
             NetError::NoLink(_) => "no_link",
+            NetError::Nft(e) => e.metric_label(),
         }
     }
 }
@@ -164,6 +175,9 @@ pub fn setup(net: &NetSpec, pid: i32, proc_root: &Path) -> Result<(), NetError> 
         inner.link().set(LinkUnspec::new_with_index(i).up().build()).execute().await.map_err(nl("set eth0 up"))?;
         let route = RouteMessageBuilder::<Ipv4Addr>::new().gateway(net.host_addr).output_interface(i).build();
         inner.route().add(route).execute().await.map_err(nl(format!("default route via {}", net.host_addr)))?;
+        if !net.nft_table.is_empty() {
+            nft::add_build(&net.nft_table, net.inner_addr, &net.host_if)?;
+        }
         Ok(())
     })
 }
@@ -178,6 +192,12 @@ pub fn release(net: &NetSpec) -> Vec<String> {
         left.push(format!("link {}: {e}", net.host_if));
         // The lease stays: the subnet is not free while its link may exist.
         return left;
+    }
+    if !net.nft_table.is_empty() {
+        if let Err(e) = nft::remove_build(&net.nft_table, net.inner_addr, &net.host_if) {
+            left.push(format!("nftables element {} . {}: {e}", net.inner_addr, net.host_if));
+            return left;
+        }
     }
     match fs::remove_file(&net.lease) {
         Ok(()) => {}

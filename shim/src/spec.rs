@@ -164,6 +164,11 @@ pub struct NetSpec {
     pub prefix_len: u8,
     /// The subnet lease file, removed when the veth is gone.
     pub lease: PathBuf,
+    /// berth's nftables table holding this instance's element
+    /// `inner_addr . host_if` in its `builds` set (empty: none, a spec
+    /// written before the element existed).
+    #[serde(default)]
+    pub nft_table: String,
 }
 
 /// The daemon's socket inside an instance dir; the agent dials it, the
@@ -371,6 +376,7 @@ mod tests {
                 inner_addr: "10.213.0.2".parse().unwrap(),
                 prefix_len: 30,
                 lease: dir.path().join("net-lease"),
+                nft_table: "berth".into(),
             }),
         };
         spec.store().unwrap();

@@ -138,6 +138,12 @@ pub fn leak_scan(state_dir: &Path, netns: Option<&str>, claim: &SubnetClaim) -> 
             out.push(format!("address left: {line}"));
         }
     }
+    // The instances' elements of the builds set, by this agent's veth prefix
+    // (the address scan below catches them too; this names them).
+    let builds = run(&["nft", "list", "set", "inet", &claim.table, "builds"]);
+    if builds.contains(&format!(". \"{prefix}")) {
+        out.push(format!("nftables element left in {} set builds: {}", claim.table, builds.trim()));
+    }
     let table = run(&["nft", "list", "table", "inet", &claim.table]);
     for word in table.split(|c: char| c.is_whitespace() || c == ',' || c == '{' || c == '}') {
         let a = word.split('/').next().unwrap_or("");

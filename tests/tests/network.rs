@@ -27,6 +27,7 @@ async fn dial(c: &mut FakeClient<Channel>, addr: &str) -> ConnectReply {
         send: b"GET / HTTP/1.0\r\n\r\n".to_vec(),
         timeout_ms: 4000,
         discard: false,
+        source: String::new(),
     };
     c.dial(req).await.expect("Fake.Dial").into_inner()
 }
@@ -209,6 +210,12 @@ async fn agent_and_shim_sigkill_then_restart_leave_no_network_behind() {
     sh(&["ip", "-n", &w.agent_ns, "link", "add", &stray, "type", "veth", "peer", "name", "strayp"]);
     let lease = agent.state_dir().join("net-leases").join("10.255.255.252");
     std::fs::write(&lease, "deadbeef0123 agent-that-died").unwrap();
+    // The live instance's element, and a stray one of a dead instance.
+    let table = agent.net().table.clone();
+    let set = || sh(&["ip", "netns", "exec", &w.agent_ns, "nft", "list", "set", "inet", &table, "builds"]);
+    assert!(set().contains(&format!(". \"{prefix}{}", &id[..4])), "no element for {id}: {}", set());
+    let stray_elem = format!("{{ 10.255.255.254 . \"{stray}\" }}");
+    sh(&["ip", "netns", "exec", &w.agent_ns, "nft", "add", "element", "inet", &table, "builds", &stray_elem]);
 
     agent.sigkill();
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), nix::sys::signal::Signal::SIGKILL);
@@ -218,6 +225,7 @@ async fn agent_and_shim_sigkill_then_restart_leave_no_network_behind() {
     assert!(left.is_empty(), "left behind after SIGKILL + restart: {left:#?}");
     assert!(!sh(&["ip", "-n", &w.agent_ns, "-o", "link"]).contains(&stray));
     assert!(!lease.exists());
+    assert!(!set().contains(&prefix), "elements left after the sweep: {}", set());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

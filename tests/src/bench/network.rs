@@ -72,7 +72,13 @@ impl Drop for Remote {
 /// MB/s of one download of `bytes` through `agent`'s instance.
 async fn download(agent: &BenchAgent, addr: Ipv4Addr, bytes: u64) -> Result<f64> {
     let mut c = crate::grpc::fake_client(&agent.socket).await;
-    let req = ConnectRequest { address: format!("{addr}:8080"), send: vec![], timeout_ms: 5000, discard: true };
+    let req = ConnectRequest {
+        address: format!("{addr}:8080"),
+        send: vec![],
+        timeout_ms: 5000,
+        discard: true,
+        source: String::new(),
+    };
     let r = c.dial(req).await?.into_inner();
     if r.result != "ok" || r.received_bytes != bytes {
         bail!("download through the instance: {r:?}");
@@ -109,6 +115,8 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
         th.push(download(&host, remote.addr, bytes).await?);
     }
     drop(remote);
+    let (scrape_nft, scrape_rest) = scrape_cost(&iso._net.table, if plan.quick { 20 } else { 500 })?;
+    let (elem_nl, elem_exec) = element_cost(&iso._net.table, if plan.quick { 5 } else { 40 })?;
     let leaks = [iso.stop().await?, host.stop().await?].concat();
     if !leaks.is_empty() {
         bail!("leaks after the network figure: {leaks:?}");
@@ -126,6 +134,67 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
             ti.iter().cloned().fold(0.0, f64::max),
         )
         .baseline(th.iter().cloned().fold(0.0, f64::max), "host mode, same server"),
+        Row::new(
+            "8 network",
+            format!("/metrics: firewall counters read p50 (n={})", scrape_nft.len()),
+            "us",
+            p50(&scrape_nft),
+        )
+        .baseline(p50(&scrape_rest), "encoding the rest of /metrics, same run"),
+        Row::new(
+            "8 network",
+            format!("builds set element add (start path), netlink p50 (n={})", elem_nl.len()),
+            "us",
+            p50(&elem_nl),
+        )
+        .baseline(p50(&elem_exec), "the same add through an `nft` exec, same run"),
     ];
-    Ok(Figure { rows, details: json!({"isolated_ms": si, "host_ms": sh_, "nat_mbps": ti, "host_mbps": th}) })
+    Ok(Figure {
+        rows,
+        details: json!({"isolated_ms": si, "host_ms": sh_, "nat_mbps": ti, "host_mbps": th, "scrape_nft_us": scrape_nft, "scrape_rest_us": scrape_rest, "element_netlink_us": elem_nl, "element_nft_exec_us": elem_exec}),
+    })
+}
+
+/// What the isolated network adds to a /metrics scrape (one netlink dump of
+/// the table's named counters, as `network::metrics` does at each scrape),
+/// against encoding the rest of the agent's metrics: microseconds, `n` each,
+/// interleaved.
+fn scrape_cost(table: &str, n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    let m = berth_agent::metrics::Metrics::new();
+    let (mut nft, mut rest) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        let c = berth_shim::net::nft::counters(table)?;
+        nft.push(t.elapsed().as_secs_f64() * 1e6);
+        if c.len() < 6 {
+            bail!("table {table} has {} named counters, expected 6", c.len());
+        }
+        let t = std::time::Instant::now();
+        std::hint::black_box(m.encode());
+        rest.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok((nft, rest))
+}
+
+/// What the shim's per-instance element costs on the start path (the add,
+/// with the veth) over netlink, against the same add through an `nft`
+/// exec: microseconds, `n` each, interleaved, on an address outside every
+/// lease. Each add is undone untimed (the delete, at the wipe, waits out an
+/// RCU grace period when its socket closes: not on the start path).
+fn element_cost(table: &str, n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    use berth_shim::net::nft;
+    let (addr, name) = (Ipv4Addr::new(192, 0, 2, 2), "bkbenchelem");
+    let (mut nl, mut exec) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        nft::add_build(table, addr, name)?;
+        nl.push(t.elapsed().as_secs_f64() * 1e6);
+        nft::remove_build(table, addr, name)?;
+        let elem = format!("{{ {addr} . \"{name}\" }}");
+        let t = std::time::Instant::now();
+        sh(&["nft", "add", "element", "inet", table, "builds", &elem]);
+        exec.push(t.elapsed().as_secs_f64() * 1e6);
+        nft::remove_build(table, addr, name)?;
+    }
+    Ok((nl, exec))
 }

@@ -282,7 +282,13 @@ async fn call(cmd: Cmd, ch: Channel) -> Result<Value, Failure> {
         }
         Cmd::Connect { address, send, timeout_ms } => {
             let r = fake(ch)
-                .dial(ConnectRequest { address, send: send.into_bytes(), timeout_ms, discard: false })
+                .dial(ConnectRequest {
+                    address,
+                    send: send.into_bytes(),
+                    timeout_ms,
+                    discard: false,
+                    source: String::new(),
+                })
                 .await?
                 .into_inner();
             json!({"result": r.result, "error": r.error, "connect_ms": r.connect_ms, "received": String::from_utf8_lossy(&r.received)})

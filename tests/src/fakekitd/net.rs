@@ -7,7 +7,26 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// The source address of a probe: parsed, and added (/32) to `eth0` unless
+/// it is local already (binding to it works then).
+async fn source_addr(source: &str) -> Result<Option<std::net::Ipv4Addr>, String> {
+    if source.is_empty() {
+        return Ok(None);
+    }
+    let a: std::net::Ipv4Addr = source.parse().map_err(|e| format!("{e}"))?;
+    if std::net::UdpSocket::bind((a, 0)).is_ok() {
+        return Ok(Some(a));
+    }
+    let h = berth_shim::net::connect().map_err(|e| e.to_string())?;
+    let idx = berth_shim::net::index_of(&h, berth_shim::net::INNER_IF)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("no eth0 in this network namespace")?;
+    h.address().add(idx, a.into(), 32).execute().await.map_err(|e| format!("add {a}/32 to eth0: {e}"))?;
+    Ok(Some(a))
+}
 
 /// Most bytes of an answer kept.
 const MAX_RECEIVED: usize = 64 * 1024;
@@ -23,8 +42,22 @@ pub async fn connect(r: ConnectRequest) -> ConnectReply {
         }
     };
     let limit = Duration::from_millis(if r.timeout_ms == 0 { 5000 } else { r.timeout_ms as u64 });
+    let source = match source_addr(&r.source).await {
+        Ok(s) => s,
+        Err(e) => {
+            out.result = "error".into();
+            out.error = format!("source {:?}: {e}", r.source);
+            return out;
+        }
+    };
     let started = Instant::now();
-    let conn = tokio::time::timeout(limit, TcpStream::connect(addr)).await;
+    let conn = tokio::time::timeout(limit, async {
+        let Some(src) = source else { return TcpStream::connect(addr).await };
+        let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        sock.bind(SocketAddr::new(src.into(), 0))?;
+        sock.connect(addr).await
+    })
+    .await;
     out.connect_ms = started.elapsed().as_millis() as u32;
     let mut stream = match conn {
         Err(_) => {
