@@ -49,16 +49,16 @@ async fn start_shim(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, SpawnE
     let (c, i) = (ctx.clone(), inst.clone());
     let spec =
         tokio::task::spawn_blocking(move || prepare(&c, &i)).await.map_err(|e| SpawnError::Task(e.to_string()))??;
-    let dir = &inst.dir;
     // Readiness hook: the daemon's NOTIFY_SOCKET, bound before the daemon
     // exists (its file goes with the instance dir).
-    let notify = match notify::bind(dir, spec.ids.host_base) {
+    let notify = match notify::bind(&inst.dir, spec.ids.host_base) {
         Ok(n) => n,
         Err(e) => {
             release(&spec, &ctx.run.host.proc_root);
             return Err(SpawnError::Notify(e));
         }
     };
+    let dir = &inst.dir;
     let child = Command::new(&ctx.shim)
         .arg("run")
         .arg(dir)
