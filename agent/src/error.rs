@@ -35,7 +35,7 @@ pub enum SpawnError {
     #[error("isolated network: {0}")]
     Network(#[source] crate::network::NetworkError),
     #[error("{0}")]
-    Notify(#[source] crate::spawn::notify::NotifyError),
+    Notify(#[source] crate::notify::NotifyError),
 }
 
 impl SpawnError {

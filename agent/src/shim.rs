@@ -28,8 +28,8 @@ pub struct Shim {
     done: Option<oneshot::Receiver<Option<Outcome>>>,
     outcome: Option<Option<Outcome>>,
     /// The agent's end of the daemon's NOTIFY_SOCKET until it is ready
-    /// (spawn/notify.rs); taken by `spawn::wait_ready`.
-    pub notify: Option<crate::spawn::notify::Notify>,
+    /// (notify.rs); taken by `spawn::wait_ready`.
+    pub notify: Option<crate::notify::Notify>,
 }
 
 impl Shim {

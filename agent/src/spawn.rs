@@ -14,11 +14,11 @@
 //! into the shim's wipe.
 
 pub mod buildkitd;
-pub mod notify;
 pub mod tools;
 
 use crate::error::{AdmitError, SpawnError};
 use crate::instance::Instance;
+use crate::notify;
 use crate::shim::{describe_exit, Shim};
 use crate::sys;
 use crate::Ctx;
@@ -192,7 +192,7 @@ fn daemon_env(id: &str, dir: &Path, path: &str) -> Vec<(String, String)> {
         ("XDG_RUNTIME_DIR".into(), dir.join(spec::RUN_DIR).display().to_string()),
         ("USER".into(), "berth".into()),
         ("BERTH_INSTANCE".into(), id.into()),
-        // sd_notify READY=1 (spawn/notify.rs); buildkit's runc executor
+        // sd_notify READY=1 (notify.rs); buildkit's runc executor
         // drops it from runc's environment, so builds never see it.
         (notify::ENV.into(), notify::path(dir).display().to_string()),
     ]
