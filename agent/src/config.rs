@@ -306,7 +306,8 @@ pub struct RunArgs {
     /// the rest is dropped, its last 4 KiB still reach the instance's end report.
     #[arg(long, env = "BERTH_DAEMON_LOG_CAP", default_value = "16Mi", value_parser = quantity::parse_bytes)]
     pub daemon_log_cap: u64,
-    /// How long a new instance may take to answer on its socket.
+    /// How long a new instance may take to be ready: READY=1 on its
+    /// NOTIFY_SOCKET, or a gRPC answer on its socket, whichever comes first.
     #[arg(long, env = "BERTH_START_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub start_timeout: Duration,
     /// After a client's instance fails to start, its new connections get the

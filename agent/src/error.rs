@@ -34,6 +34,8 @@ pub enum SpawnError {
     Task(String),
     #[error("isolated network: {0}")]
     Network(#[source] crate::network::NetworkError),
+    #[error("{0}")]
+    Notify(#[source] crate::notify::NotifyError),
 }
 
 impl SpawnError {

@@ -36,6 +36,7 @@ pub mod listen;
 pub mod log;
 pub mod metrics;
 pub mod network;
+pub mod notify;
 pub mod owner;
 pub mod phase;
 pub mod probe;

@@ -21,6 +21,11 @@ pub struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ViaLabel {
+    pub via: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabel {
     pub direction: String,
 }
@@ -46,6 +51,8 @@ pub struct Metrics {
     pub refused: Family<ReasonLabel, Counter>,
     /// Limit hits inside running instances, by limit (memory, pids, disk).
     pub limit_hits: Family<ReasonLabel, Counter>,
+    /// Instances found ready, by the path that told first (notify, probe).
+    pub ready: Family<ViaLabel, Counter>,
     /// 1 while kubelet has acknowledged the CSI driver's registration.
     pub kubelet_registered: Gauge,
     /// Kubernetes Events about pods' instances, by result (see `reap::post`).
@@ -89,6 +96,7 @@ impl Metrics {
             buildkitd_config_reloads: Family::default(),
             buildkitd_config_info: Family::default(),
             network: Default::default(),
+            ready: Family::default(),
             registry: Registry::default(),
         };
         registry.register("slots", "Build slots on this node", m.slots_total.clone());
@@ -145,6 +153,14 @@ impl Metrics {
         for r in ["ok", "refused"] {
             let _ = m.buildkitd_config_reloads.get_or_create(&ResultLabel { result: r.into() });
         }
+        registry.register(
+            "instance_ready",
+            "Instances found ready, by the path that told first: the daemon's READY=1 (notify) or the gRPC probe",
+            m.ready.clone(),
+        );
+        for v in ["notify", "probe"] {
+            let _ = m.ready.get_or_create(&ViaLabel { via: v.into() });
+        }
         for l in ["memory", "pids", "disk"] {
             let _ = m.limit_hits.get_or_create(&ReasonLabel { reason: l.into() });
         }
@@ -177,6 +193,11 @@ impl Metrics {
         self.proxied_bytes.get_or_create(&DirectionLabel { direction: "down".into() }).inc_by(down);
     }
 
+    /// `via` is "notify" or "probe" (a bounded label).
+    pub fn ready(&self, via: &'static str) {
+        self.ready.get_or_create(&ViaLabel { via: via.into() }).inc();
+    }
+
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -196,12 +217,15 @@ mod tests {
         m.ended(EndReason::Oom);
         m.proxied(10, 20);
         m.start_seconds.observe(0.2);
+        m.ready("notify");
         let text = m.encode();
         assert!(text.contains("berth_slots 4"), "{text}");
         assert!(text.contains("berth_instances_ended_total{reason=\"oom\"} 1"), "{text}");
         assert!(text.contains("berth_instances_ended_total{reason=\"idle\"} 0"), "{text}");
         assert!(text.contains("berth_proxied_bytes_total{direction=\"down\"} 20"), "{text}");
         assert!(text.contains("berth_instance_start_seconds_count 1"), "{text}");
+        assert!(text.contains("berth_instance_ready_total{via=\"notify\"} 1"), "{text}");
+        assert!(text.contains("berth_instance_ready_total{via=\"probe\"} 0"), "{text}");
         assert!(text.ends_with("# EOF\n"));
     }
 }

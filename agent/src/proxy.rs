@@ -9,6 +9,8 @@
 //! whose debug data says why, then closes. gRPC clients (grpc-go in buildx
 //! and buildctl, h2 in Rust) put that debug data into the error they show.
 
+pub mod splice;
+
 use crate::instance::Instance;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,11 +38,11 @@ const INTERNAL_ERROR: u32 = 0x2;
 /// Pipes `client` to the instance's daemon; returns bytes (up, down).
 pub async fn pipe(client: UnixStream, inst: &Instance) -> io::Result<(u64, u64)> {
     let upstream = UnixStream::connect(inst.socket()).await?;
-    let (mut cr, mut cw) = client.into_split();
+    let (cr, mut cw) = client.into_split();
     let (mut ur, mut uw) = upstream.into_split();
     let client_eof = AtomicBool::new(false);
     let up = async {
-        let (n, eof) = copy(&mut cr, &mut uw, |_| {}).await;
+        let (n, eof) = splice::splice(cr.as_ref(), uw.as_ref()).await;
         client_eof.store(eof, Ordering::SeqCst);
         let _ = uw.shutdown().await;
         n

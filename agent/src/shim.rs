@@ -27,6 +27,9 @@ pub struct Shim {
     _lifeline: Option<ChildStdin>,
     done: Option<oneshot::Receiver<Option<Outcome>>>,
     outcome: Option<Option<Outcome>>,
+    /// The agent's end of the daemon's NOTIFY_SOCKET until it is ready
+    /// (notify.rs); taken by `spawn::wait_ready`.
+    pub notify: Option<crate::notify::Notify>,
 }
 
 impl Shim {
@@ -65,7 +68,7 @@ impl Shim {
                 warn!(instance = %tag, ?status, "shim exited with an error after its outcome (see its log)");
             }
         });
-        Shim { pid, id, dir, _lifeline: lifeline, done: Some(rx), outcome: None }
+        Shim { pid, id, dir, _lifeline: lifeline, done: Some(rx), outcome: None, notify: None }
     }
 
     /// Resolves when the shim has ended; cancel-safe, so it can sit in a

@@ -18,6 +18,7 @@ pub mod tools;
 
 use crate::error::{AdmitError, SpawnError};
 use crate::instance::Instance;
+use crate::notify;
 use crate::shim::{describe_exit, Shim};
 use crate::sys;
 use crate::Ctx;
@@ -48,6 +49,15 @@ async fn start_shim(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, SpawnE
     let (c, i) = (ctx.clone(), inst.clone());
     let spec =
         tokio::task::spawn_blocking(move || prepare(&c, &i)).await.map_err(|e| SpawnError::Task(e.to_string()))??;
+    // Readiness hook: the daemon's NOTIFY_SOCKET, bound before the daemon
+    // exists (its file goes with the instance dir).
+    let notify = match notify::bind(&inst.dir, spec.ids.host_base) {
+        Ok(n) => n,
+        Err(e) => {
+            release(&spec, &ctx.run.host.proc_root);
+            return Err(SpawnError::Notify(e));
+        }
+    };
     let dir = &inst.dir;
     let mut cmd = Command::new(&ctx.shim);
     // Handoff hook (issue 15): the pod's listener becomes the shim's fd 3.
@@ -74,7 +84,11 @@ async fn start_shim(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, SpawnE
         .stderr(Stdio::inherit())
         .spawn();
     match child {
-        Ok(child) => Ok(Shim::new(child, inst.id.clone(), dir.clone(), &ctx.tasks)),
+        Ok(child) => {
+            let mut shim = Shim::new(child, inst.id.clone(), dir.clone(), &ctx.tasks);
+            shim.notify = Some(notify);
+            Ok(shim)
+        }
         Err(source) => {
             release(&spec, &ctx.run.host.proc_root);
             Err(SpawnError::Exec { path: ctx.shim.clone(), source })
@@ -206,6 +220,9 @@ fn daemon_env(id: &str, dir: &Path, path: &str) -> Vec<(String, String)> {
         ("XDG_RUNTIME_DIR".into(), dir.join(spec::RUN_DIR).display().to_string()),
         ("USER".into(), "berth".into()),
         ("BERTH_INSTANCE".into(), id.into()),
+        // sd_notify READY=1 (notify.rs); buildkit's runc executor
+        // drops it from runc's environment, so builds never see it.
+        (notify::ENV.into(), notify::path(dir).display().to_string()),
     ]
 }
 
@@ -233,40 +250,79 @@ fn lay_out(spec: &Spec, config: &str) -> Result<(), SpawnError> {
     Ok(())
 }
 
-/// Waits until the daemon answers a real gRPC call on its socket (the socket
-/// file exists before the daemon serves). On failure the shim has ended and
-/// its outcome (with the daemon's stderr tail) is returned with the error.
+/// How an instance was found ready: its daemon's `READY=1` on the notify
+/// socket, or a real gRPC call answered on its socket (older daemons, and
+/// any that never notify).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadyVia {
+    Notify,
+    Probe,
+}
+
+impl ReadyVia {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadyVia::Notify => "notify",
+            ReadyVia::Probe => "probe",
+        }
+    }
+}
+
+/// Waits until the daemon says it is ready (`READY=1` on its notify socket)
+/// or answers a real gRPC call on its socket (the socket file exists before
+/// the daemon serves), whichever comes first, within the start timeout. On
+/// failure the shim has ended and its outcome (with the daemon's stderr
+/// tail) is returned with the error.
 pub async fn wait_ready(
     ctx: &Arc<Ctx>,
     inst: &Arc<Instance>,
     shim: &mut Shim,
-) -> Result<(), (AdmitError, Option<Outcome>)> {
-    let deadline = Instant::now() + ctx.run.start_timeout;
+) -> Result<ReadyVia, (AdmitError, Option<Outcome>)> {
+    let deadline = tokio::time::Instant::now() + ctx.run.start_timeout;
     let socket = inst.socket();
-    let started = Instant::now();
-    loop {
-        if socket.exists() && crate::probe::ready(&socket).await {
-            return Ok(());
+    // Dropped on return: the agent holds no descriptor of a running instance.
+    let notify = shim.notify.take();
+    let notified = async {
+        match &notify {
+            Some(n) => n.ready().await,
+            None => std::future::pending().await,
         }
-        if Instant::now() >= deadline {
+    };
+    let probed = async {
+        let started = Instant::now();
+        loop {
+            if socket.exists() && crate::probe::ready(&socket).await {
+                return;
+            }
+            tokio::time::sleep(probe_interval(started.elapsed())).await;
+            debug!(socket = %socket.display(), "waiting for the daemon");
+        }
+    };
+    let ended = tokio::select! {
+        // Biased: when both paths are ready at one poll, the notification
+        // (which costs nothing to check) is the one recorded.
+        biased;
+        _ = notified => return Ok(ReadyVia::Notify),
+        _ = probed => return Ok(ReadyVia::Probe),
+        outcome = shim.ended() => Some(outcome),
+        _ = tokio::time::sleep_until(deadline) => None,
+    };
+    match ended {
+        Some(outcome) => {
+            let reason = match &outcome {
+                Some(o) => describe_exit(o),
+                None => "the shim died without a report".to_string(),
+            };
+            let tail = outcome.as_ref().map(|o| with_hint(&o.stderr_tail)).unwrap_or_default();
+            ctx.metrics.network.shim_failed(&reason);
+            let e = AdmitError::StartFailed { id: inst.id.clone(), client: inst.client().display, reason, tail };
+            Err((e, outcome))
+        }
+        None => {
             let outcome = shim.stop(ctx).await;
             let tail = outcome.as_ref().map(|o| with_hint(&o.stderr_tail)).unwrap_or_default();
-            return Err((AdmitError::NotReady { id: inst.id.clone(), timeout: ctx.run.start_timeout, tail }, outcome));
+            Err((AdmitError::NotReady { id: inst.id.clone(), timeout: ctx.run.start_timeout, tail }, outcome))
         }
-        tokio::select! {
-            outcome = shim.ended() => {
-                let reason = match &outcome {
-                    Some(o) => describe_exit(o),
-                    None => "the shim died without a report".to_string(),
-                };
-                let tail = outcome.as_ref().map(|o| with_hint(&o.stderr_tail)).unwrap_or_default();
-                ctx.metrics.network.shim_failed(&reason);
-                let e = AdmitError::StartFailed { id: inst.id.clone(), client: inst.client().display, reason, tail };
-                return Err((e, outcome));
-            }
-            _ = tokio::time::sleep(probe_interval(started.elapsed())) => {}
-        }
-        debug!(socket = %socket.display(), "waiting for the daemon");
     }
 }
 

@@ -25,6 +25,12 @@ pub struct Args {
     /// `--require-runc`: as buildkitd, look up buildkit-runc then runc on
     /// PATH, run it, and fail with "failed to find runc binary" without one.
     pub require_runc: bool,
+    /// `--no-notify`: ignore NOTIFY_SOCKET, as buildkitd before sd_notify.
+    pub no_notify: bool,
+    /// `--health-delay=<ms>`: grpc.health.v1 answers NOT_SERVING for this
+    /// long after serving starts (READY=1 is still sent at once), so a
+    /// test can tell which readiness path won by order.
+    pub health_delay: Duration,
     /// Tokens that were not understood and skipped.
     pub ignored: Vec<String>,
 }
@@ -36,8 +42,8 @@ enum Kind {
 
 fn kind_of(name: &str) -> Option<Kind> {
     Some(match name {
-        "addr" | "root" | "fail-start" | "start-delay" => Kind::Value,
-        "version" | "no-health" | "socket-early" | "require-runc" => Kind::Bool,
+        "addr" | "root" | "fail-start" | "start-delay" | "health-delay" => Kind::Value,
+        "version" | "no-health" | "socket-early" | "require-runc" | "no-notify" => Kind::Bool,
         _ => return None,
     })
 }
@@ -103,6 +109,7 @@ where
                     "no-health" => out.no_health = v,
                     "socket-early" => out.socket_early = v,
                     "require-runc" => out.require_runc = v,
+                    "no-notify" => out.no_notify = v,
                     _ => unreachable!(),
                 }
             }
@@ -116,6 +123,7 @@ where
                     "root" => out.root = Some(PathBuf::from(v)),
                     "fail-start" => out.fail_start = Some(v),
                     "start-delay" => out.start_delay = parse_millis(&v)?,
+                    "health-delay" => out.health_delay = parse_millis(&v)?,
                     _ => unreachable!(),
                 }
             }
@@ -192,6 +200,8 @@ mod tests {
         assert_eq!(b.start_delay, Duration::from_secs(2));
         assert!(!b.no_health && b.version);
         assert_eq!(p(&["--start-delay=250ms"]).start_delay, Duration::from_millis(250));
+        let c = p(&["--no-notify", "--health-delay=3s"]);
+        assert!(c.no_notify && c.health_delay == Duration::from_secs(3));
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod activation;
 pub mod args;
 pub mod bkconfig;
 pub mod net;
+pub mod notify;
 pub mod pull;
 pub mod service;
 
@@ -207,10 +208,24 @@ async fn run(args: args::Args, argv: Vec<String>) -> i32 {
             let (reporter, health) = tonic_health::server::health_reporter();
             reporter.set_serving::<FakeServer<FakeService>>().await;
             reporter.set_serving::<ControlServer<ControlService>>().await;
+            if !args.health_delay.is_zero() {
+                use tonic_health::ServingStatus::{NotServing, Serving};
+                reporter.set_service_status("", NotServing).await;
+                let (r, delay) = (reporter.clone(), args.health_delay);
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    eprintln!("fakekitd: health now SERVING");
+                    r.set_service_status("", Serving).await;
+                });
+            }
             router = router.add_service(health);
         }
         for a in &addrs {
             eprintln!("fakekitd: serving on {a}");
+        }
+        // As buildkitd: READY=1 once the listeners are bound, before serving.
+        if !args.no_notify {
+            notify::send("READY=1");
         }
         router.serve_with_incoming(incoming).await.map_err(|e| format!("serve: {}", crate::grpc::error_chain(&e)))
     };
@@ -223,6 +238,9 @@ async fn run(args: args::Args, argv: Vec<String>) -> i32 {
     match res {
         // A signal: clean shutdown, exit status 1 like buildkitd's "context canceled".
         Ok(()) => {
+            if !args.no_notify {
+                notify::send("STOPPING=1");
+            }
             state.kill_children();
             for p in &paths {
                 let _ = std::fs::remove_file(p);
