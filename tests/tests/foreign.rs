@@ -192,8 +192,16 @@ async fn path_authority_gets_resource_exhausted_with_the_cap() {
         .args(["--max-builds", "2", "--max-client-connections", "1", "--http-addr", "off"])
         .start_async()
         .await;
-    // This client's one allowed connection, held idle.
+    // This client's one allowed connection, held idle. connect() returns
+    // once the kernel queued it, before the agent accepted it: wait until the
+    // agent has taken it (its instance is up), or the call's connection may
+    // be accepted first, take the one place and reach fakekitd's h2 server,
+    // which resets a path authority (PROTOCOL_ERROR).
     let _held = UnixStream::connect(agent.socket()).await.unwrap();
+    agent
+        .wait_log_async(0, |v| v["message"] == "instance ready", WAIT)
+        .await
+        .unwrap_or_else(|| panic!("the held connection got no instance:\n{}", agent.log_tail(30)));
     for authority in authorities(agent.socket()) {
         let a = call(agent.socket(), &authority).await;
         assert_eq!(a.code, tonic::Code::ResourceExhausted as i32, "{authority}: {a:?}");
