@@ -321,3 +321,15 @@ impl Drop for World {
         let _ = Command::new("ip").args(["netns", "del", &self.world_ns]).output();
     }
 }
+
+/// An instance's address, from the /etc/hosts berth gave it (through
+/// fakekitd's ReadPath).
+pub async fn inner_addr(c: &mut crate::proto::fake::fake_client::FakeClient<tonic::transport::Channel>) -> Ipv4Addr {
+    let req = crate::proto::fake::ReadPathRequest { path: "/etc/hosts".into(), max_bytes: 0 };
+    let r = c.read_path(req).await.unwrap().into_inner();
+    let text = String::from_utf8_lossy(&r.data).into_owned();
+    text.lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse::<Ipv4Addr>().ok())
+        .find(|a| !a.is_loopback())
+        .unwrap_or_else(|| panic!("no instance address in its /etc/hosts: {text:?}"))
+}

@@ -8,7 +8,7 @@
 //! build sends can leave the machine, even if berth failed to block it.
 
 use berth_tests::grpc::fake_client;
-use berth_tests::netfix::{sh, Server, World};
+use berth_tests::netfix::{inner_addr, sh, Server, World};
 use berth_tests::proto::fake::fake_client::FakeClient;
 use berth_tests::proto::fake::{
     BindRequest, ConnectReply, ConnectRequest, PingRequest, ReadPathRequest, ResolveRequest,
@@ -34,16 +34,6 @@ async fn dial(c: &mut FakeClient<Channel>, addr: &str) -> ConnectReply {
 
 fn received(r: &ConnectReply) -> String {
     String::from_utf8_lossy(&r.received).into_owned()
-}
-
-/// The instance's address, from the /etc/hosts berth gave it.
-async fn inner_addr(c: &mut FakeClient<Channel>) -> Ipv4Addr {
-    let r = c.read_path(ReadPathRequest { path: "/etc/hosts".into(), max_bytes: 0 }).await.unwrap().into_inner();
-    let text = String::from_utf8_lossy(&r.data).into_owned();
-    text.lines()
-        .filter_map(|l| l.split_whitespace().next()?.parse::<Ipv4Addr>().ok())
-        .find(|a| !a.is_loopback())
-        .unwrap_or_else(|| panic!("no instance address in its /etc/hosts: {text:?}"))
 }
 
 fn assert_refused(r: &ConnectReply, what: &str) {

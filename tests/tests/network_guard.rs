@@ -6,9 +6,9 @@
 //! a namespace the test made, checked before the first packet.
 
 use berth_tests::grpc::fake_client;
-use berth_tests::netfix::{sh, World};
+use berth_tests::netfix::{inner_addr, sh, World};
 use berth_tests::proto::fake::fake_client::FakeClient;
-use berth_tests::proto::fake::{ConnectReply, ConnectRequest, ReadPathRequest};
+use berth_tests::proto::fake::{ConnectReply, ConnectRequest};
 use berth_tests::Agent;
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -28,15 +28,6 @@ async fn dial_from(c: &mut FakeClient<Channel>, addr: &str, source: &str, timeou
         source: source.into(),
     };
     c.dial(req).await.expect("Fake.Dial").into_inner()
-}
-
-async fn inner_addr(c: &mut FakeClient<Channel>) -> Ipv4Addr {
-    let r = c.read_path(ReadPathRequest { path: "/etc/hosts".into(), max_bytes: 0 }).await.unwrap().into_inner();
-    let text = String::from_utf8_lossy(&r.data).into_owned();
-    text.lines()
-        .filter_map(|l| l.split_whitespace().next()?.parse::<Ipv4Addr>().ok())
-        .find(|a| !a.is_loopback())
-        .unwrap_or_else(|| panic!("no instance address in its /etc/hosts: {text:?}"))
 }
 
 /// `/metrics` of an agent running in namespace `ns`, as name{labels} -> value.
