@@ -132,32 +132,15 @@ fn instances_get_the_merged_config_and_their_own_ca_copy_and_reloads_reach_new_o
     assert_eq!(mirror(&a_again), "mirror-one.registry.svc:5000", "the running instance keeps its config");
 
     // A broken file on SIGHUP: refused with line and column, the old one stays.
-    let mark = agent.log_mark();
-    fs::write(&file, "[registry.\"docker.io\"]\nmirrors = [\"x\"\n\n[worker.oci]\n").unwrap();
-    hup(&agent);
-    let refused = agent
-        .wait_log_since(
-            mark,
-            |v| v["message"].as_str().is_some_and(|m| m.starts_with("buildkitd config refused")),
-            Duration::from_secs(15),
-        )
-        .unwrap_or_else(|| panic!("a broken file is refused: {}", agent.log_tail(20)));
+    let refused =
+        refused_on_hup(&agent, &file, "[registry.\"docker.io\"]\nmirrors = [\"x\"\n\n[worker.oci]\n", "a broken file");
     let err = refused["error"].as_str().unwrap_or_default().to_string();
     assert!(err.contains(&format!("{}:", file.display())) && err.contains("not valid TOML"), "{refused}");
     let (_, d) = config_of(&agent, 6104);
     assert_eq!(mirror(&d), "mirror-two.registry.svc:5000", "the old fragment stays in force");
 
     // An owned key on SIGHUP: refused too, naming the key.
-    let mark = agent.log_mark();
-    fs::write(&file, "[worker.oci]\nnoProcessSandbox = true\n").unwrap();
-    hup(&agent);
-    let refused = agent
-        .wait_log_since(
-            mark,
-            |v| v["message"].as_str().is_some_and(|m| m.starts_with("buildkitd config refused")),
-            Duration::from_secs(15),
-        )
-        .unwrap_or_else(|| panic!("an owned key is refused: {}", agent.log_tail(20)));
+    let refused = refused_on_hup(&agent, &file, "[worker.oci]\nnoProcessSandbox = true\n", "an owned key");
     assert!(refused["error"].as_str().unwrap_or_default().contains("worker.oci.noProcessSandbox"), "{refused}");
     assert!(agent.pid().is_some(), "the agent keeps serving");
 
@@ -242,4 +225,19 @@ fn a_reload_retires_unclaimed_warm_instances() {
     agent.sigterm();
     assert!(agent.wait_exit(Duration::from_secs(60)).is_some(), "{}", agent.log_tail(20));
     assert_eq!(agent.wait_clean(Duration::from_secs(20)), Vec::<String>::new());
+}
+
+/// Writes `text` to the fragment, sends SIGHUP and returns the agent's
+/// "buildkitd config refused" line (panics if none comes).
+fn refused_on_hup(agent: &Agent, file: &Path, text: &str, what: &str) -> Value {
+    let mark = agent.log_mark();
+    fs::write(file, text).unwrap();
+    hup(agent);
+    agent
+        .wait_log_since(
+            mark,
+            |v| v["message"].as_str().is_some_and(|m| m.starts_with("buildkitd config refused")),
+            Duration::from_secs(15),
+        )
+        .unwrap_or_else(|| panic!("{what} is refused: {}", agent.log_tail(20)))
 }
