@@ -6,6 +6,8 @@
 //! the shim library's `disk` module: spawn acquires, the shim releases.
 #![forbid(unsafe_code)]
 
+pub mod spares;
+
 use crate::config::quantity::format_bytes;
 use crate::config::RunArgs;
 use crate::error::AdmitError;

@@ -97,6 +97,8 @@ pub struct Ctx {
     pub kubelet: watch::Sender<register::Kubelet>,
     /// This agent's ownership lock; instances record its id.
     pub owner: owner::Owner,
+    /// Spare disk images ready for the next starts (`--build-disk` > 0).
+    pub spares: Option<Arc<disk::spares::Spares>>,
     /// The isolated build network (`--build-network isolated`), else None.
     pub network: Option<network::Network>,
     /// Connections per client (hostile-client bounds, see `bounds`).

@@ -64,7 +64,7 @@ async fn run_life(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> EndReason {
     };
     match spawn::wait_ready(ctx, inst, &mut shim).await {
         Ok(via) => {
-            info!(start_ms = inst.created.elapsed().as_millis() as u64, client = %inst.client().display, via = via.as_str(), "instance ready");
+            info!(start_ms = inst.created.elapsed().as_millis() as u64, client = %inst.client().display, via = via.as_str(), steps = %shim.start_steps, "instance ready");
             ctx.metrics.ready(via.as_str());
             if !inst.warm {
                 ctx.metrics.start_seconds.observe(inst.created.elapsed().as_secs_f64());

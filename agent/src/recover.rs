@@ -48,6 +48,8 @@ pub struct Swept {
     pub cgroups: usize,
     /// Instance-like cgroups with processes that no instance dir names.
     pub foreign: usize,
+    /// Spare disk images of dead agents (see `disk::spares`).
+    pub spares: usize,
     pub failures: usize,
 }
 
@@ -150,9 +152,15 @@ pub async fn sweep(ctx: &Ctx) -> Swept {
         swept.leases += leases;
         swept.links += links;
     }
+    // Spare disk images of dead agents (their loop devices went with them).
+    {
+        let state = &ctx.run.host.state_dir;
+        swept.spares = berth_shim::disk::spare::sweep(state, |o| o == ctx.owner.id || crate::owner::alive(state, o));
+    }
     crate::owner::sweep_dead(&ctx.run.host.state_dir, &ctx.owner.id);
     info!(
         instances = swept.instances,
+        spares = swept.spares,
         skipped = swept.skipped,
         trash = swept.trash,
         leases = swept.leases,

@@ -154,6 +154,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     let (events, events_queue) = crate::reap::post::queue();
     let hangup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
+    let owner = crate::owner::Owner::acquire(&args.host.state_dir)
+        .map_err(|e| RunError::StateDir(format!("agent lock: {e}")))?;
+    // Spare disk images, made in the background from now on (see
+    // `disk::spares`): the first start finds one ready.
+    let spares = crate::disk::spares::Spares::start(&args.host.state_dir, &owner.id, args.limits.build_disk);
     let ctx = Arc::new(Ctx {
         node_name: args.node_name.clone().unwrap_or_else(node_name),
         layout,
@@ -171,8 +176,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         slots_total,
         queued: std::sync::atomic::AtomicUsize::new(0),
         kubelet: watch::Sender::new(crate::register::Kubelet::Off),
-        owner: crate::owner::Owner::acquire(&args.host.state_dir)
-            .map_err(|e| RunError::StateDir(format!("agent lock: {e}")))?,
+        owner,
+        spares,
         network,
         bounds: Default::default(),
         events,
@@ -230,6 +235,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     }
     ctx.tasks.close();
     ctx.tasks.wait().await;
+    if let Some(s) = &ctx.spares {
+        s.close();
+    }
     events.finish().await;
     if let Some(r) = registration {
         let _ = r.await;

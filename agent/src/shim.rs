@@ -30,6 +30,9 @@ pub struct Shim {
     /// The agent's end of the daemon's NOTIFY_SOCKET until it is ready
     /// (notify.rs); taken by `spawn::wait_ready`.
     pub notify: Option<crate::notify::Notify>,
+    /// How long the agent's part of the start took, step by step
+    /// (`berth_shim::steps`), for the `instance ready` line.
+    pub start_steps: String,
 }
 
 impl Shim {
@@ -68,7 +71,16 @@ impl Shim {
                 warn!(instance = %tag, ?status, "shim exited with an error after its outcome (see its log)");
             }
         });
-        Shim { pid, id, dir, _lifeline: lifeline, done: Some(rx), outcome: None, notify: None }
+        Shim {
+            pid,
+            id,
+            dir,
+            _lifeline: lifeline,
+            done: Some(rx),
+            outcome: None,
+            notify: None,
+            start_steps: String::new(),
+        }
     }
 
     /// Resolves when the shim has ended; cancel-safe, so it can sit in a

@@ -24,6 +24,7 @@ use crate::sys;
 use crate::Ctx;
 use berth_shim::disk::DiskSpec;
 use berth_shim::spec::{self, Outcome, Spec};
+use berth_shim::steps::Steps;
 use std::fs;
 use std::path::Path;
 use std::process::Stdio;
@@ -47,8 +48,11 @@ async fn start_shim(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, SpawnE
     // wait ~10 ms for the kernel): off the two async workers, so a burst of
     // new clients does not stall every other connection.
     let (c, i) = (ctx.clone(), inst.clone());
-    let spec =
+    let t0 = Instant::now();
+    let (spec, mut steps) =
         tokio::task::spawn_blocking(move || prepare(&c, &i)).await.map_err(|e| SpawnError::Task(e.to_string()))??;
+    steps.add("prepare", t0.elapsed());
+    steps.reset();
     // Readiness hook: the daemon's NOTIFY_SOCKET, bound before the daemon
     // exists (its file goes with the instance dir).
     let notify = match notify::bind(&inst.dir, spec.ids.host_base) {
@@ -58,6 +62,7 @@ async fn start_shim(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, SpawnE
             return Err(SpawnError::Notify(e));
         }
     };
+    steps.mark("notify");
     let dir = &inst.dir;
     let mut cmd = Command::new(&ctx.shim);
     // Handoff hook (issue 15): the pod's listener becomes the shim's fd 3.
@@ -85,8 +90,10 @@ async fn start_shim(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, SpawnE
         .spawn();
     match child {
         Ok(child) => {
+            steps.mark("shim_spawn");
             let mut shim = Shim::new(child, inst.id.clone(), dir.clone(), &ctx.tasks);
             shim.notify = Some(notify);
+            shim.start_steps = steps.render();
             Ok(shim)
         }
         Err(source) => {
@@ -97,14 +104,18 @@ async fn start_shim(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, SpawnE
 }
 
 /// Acquires the instance's resources, in this order, and records each in
-/// the spec on disk before the next: the id lease, the dir and spec, the
-/// cgroup. A new per-instance resource (a veth and its address lease, a
-/// disk image or quota) goes here: acquired after the spec names it (store
-/// the spec again), released in `release` and, after the shim started, by
-/// the shim's wipe and `berth-shim delete`, which read it from the spec.
-/// Undoes what it did on failure. Blocking.
-fn prepare(ctx: &Ctx, inst: &Instance) -> Result<Spec, SpawnError> {
+/// the spec on disk before the next: the id lease, the dir and spec, then
+/// the cgroup and the disk (side by side: both are named by the spec, and
+/// independent of each other until the shim clones). A new per-instance
+/// resource (a veth and its address lease, a disk image or quota) goes
+/// here: acquired after the spec names it (store the spec again), released
+/// in `release` and, after the shim started, by the shim's wipe and
+/// `berth-shim delete`, which read it from the spec. Undoes what it did on
+/// failure. Blocking. Returns the spec and the time of each step.
+fn prepare(ctx: &Ctx, inst: &Instance) -> Result<(Spec, Steps), SpawnError> {
+    let mut steps = Steps::new();
     let (ids, lease) = ctx.pool.lease(&format!("{} {}", inst.id, ctx.owner.id)).map_err(SpawnError::Lease)?;
+    steps.mark("lease");
     // Isolated network: a /30 of the build subnet (see `network`); the shim
     // makes the veth from the spec.
     let network = match ctx.network.as_ref().map(|n| n.lease(&inst.id, &ctx.owner.id)).transpose() {
@@ -143,25 +154,53 @@ fn prepare(ctx: &Ctx, inst: &Instance) -> Result<Spec, SpawnError> {
     let fragment = ctx.bkconfig.current();
     let config =
         buildkitd::render(&spec, ctx.run.limits.build_cpus, gc_budget(ctx.run.limits.build_disk), fragment.as_deref());
+    steps.mark("spec");
     let acquired = lay_out(&spec, &config).and_then(|()| {
-        if let Some(n) = &ctx.network {
-            n.write_files(&spec).map_err(|(path, source)| SpawnError::Layout { path, source })?;
-        }
-        if let Some(f) = &fragment {
-            crate::bkconfig::files::install(dir, spec.ids.host_base, &f.files)
-                .map_err(|(path, source)| SpawnError::Layout { path, source })?;
-        }
-        ctx.layout.create(&format!("berth-{}", inst.id), &ctx.run.limits.limits()).map_err(SpawnError::Cgroup)?;
-        // Disk hook: the image, its loop device and its mount, last
-        // (acquire undoes its own steps on failure).
-        if let Some(disk) = &spec.disk {
-            let templates = ctx.run.host.state_dir.join(berth_shim::disk::template::DIR);
-            berth_shim::disk::acquire(disk, spec.ids.host_base, &templates).map_err(SpawnError::Disk)?;
-        }
-        Ok(())
+        steps.mark("layout");
+        std::thread::scope(|s| {
+            // Disk hook: the image, its loop device and its mount (acquire
+            // undoes its own steps on failure), from a spare when one is
+            // ready, on a thread of its own beside the files and the cgroup.
+            let disk = spec.disk.as_ref().map(|disk| {
+                let spare = ctx.spares.as_ref().and_then(|p| p.take());
+                let templates = ctx.run.host.state_dir.join(berth_shim::disk::template::DIR);
+                let owner = spec.ids.host_base;
+                s.spawn(move || {
+                    let t = Instant::now();
+                    (berth_shim::disk::acquire_timed(disk, owner, &templates, spare), t.elapsed())
+                })
+            });
+            let rest = (|| -> Result<(), SpawnError> {
+                if let Some(n) = &ctx.network {
+                    n.write_files(&spec).map_err(|(path, source)| SpawnError::Layout { path, source })?;
+                }
+                if let Some(f) = &fragment {
+                    crate::bkconfig::files::install(dir, spec.ids.host_base, &f.files)
+                        .map_err(|(path, source)| SpawnError::Layout { path, source })?;
+                }
+                steps.mark("files");
+                ctx.layout
+                    .create(&format!("berth-{}", inst.id), &ctx.run.limits.limits())
+                    .map_err(SpawnError::Cgroup)?;
+                steps.mark("cgroup");
+                Ok(())
+            })();
+            let disk = disk.map(|h| h.join().expect("the disk thread does not panic"));
+            if let Some((res, took)) = disk {
+                match res {
+                    Ok(d) => {
+                        steps.add("disk", took);
+                        steps.nest("disk", &d);
+                    }
+                    Err(e) => return rest.and(Err(SpawnError::Disk(e))),
+                }
+            }
+            steps.reset();
+            rest
+        })
     });
     match acquired {
-        Ok(()) => Ok(spec),
+        Ok(()) => Ok((spec, steps)),
         Err(e) => {
             release(&spec, &ctx.run.host.proc_root);
             Err(e)

@@ -24,8 +24,10 @@
 //! cannot name.
 #![forbid(unsafe_code)]
 
+pub mod spare;
 pub mod template;
 
+use crate::steps::Steps;
 use crate::sys::loopdev;
 use nix::errno::Errno;
 use nix::fcntl::{open, OFlag};
@@ -106,26 +108,57 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> DiskError + '_ {
 /// `owner` (uid = gid, the instance's mapped root) and mode 0700. Undoes
 /// its own steps on failure.
 pub fn acquire(disk: &DiskSpec, owner: u32, templates: &Path) -> Result<(), DiskError> {
+    acquire_timed(disk, owner, templates, None).map(drop)
+}
+
+/// [`acquire`], with the time of each step, and from `spare` (an image
+/// already copied and bound, see [`spare`]) when one is given.
+pub fn acquire_timed(
+    disk: &DiskSpec,
+    owner: u32,
+    templates: &Path,
+    spare: Option<spare::Spare>,
+) -> Result<Steps, DiskError> {
     if disk.size_bytes < MIN_SIZE {
         return Err(DiskError::TooSmall { size: disk.size_bytes });
     }
-    let res = make_and_mount(disk, owner, templates);
+    let mut steps = Steps::new();
+    let res = make_and_mount(disk, owner, templates, spare, &mut steps);
     if res.is_err() {
         let _ = umount2(&disk.mount, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
         let _ = fs::remove_file(&disk.image);
     }
-    res
+    res.map(|()| steps)
 }
 
-fn make_and_mount(disk: &DiskSpec, owner: u32, templates: &Path) -> Result<(), DiskError> {
+fn make_and_mount(
+    disk: &DiskSpec,
+    owner: u32,
+    templates: &Path,
+    spare: Option<spare::Spare>,
+    steps: &mut Steps,
+) -> Result<(), DiskError> {
     let image = &disk.image;
-    let template = template::ensure(templates, disk.size_bytes)?;
-    template::sparse_copy(&template, image)?;
-    let file = open(image.as_path(), OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|errno| DiskError::Loop { image: image.clone(), errno })?;
-    let (dev, loopfd) =
-        loopdev::attach(image, &file).map_err(|errno| DiskError::Loop { image: image.clone(), errno })?;
-    drop(file);
+    let (dev, loopfd) = match spare {
+        // Copied and bound ahead of time: only a rename on this path.
+        Some(s) => {
+            let (dev, loopfd) = s.take(image)?;
+            steps.mark("spare");
+            (dev, loopfd)
+        }
+        None => {
+            let template = template::ensure(templates, disk.size_bytes)?;
+            template::sparse_copy(&template, image)?;
+            steps.mark("copy");
+            let file = open(image.as_path(), OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
+                .map_err(|errno| DiskError::Loop { image: image.clone(), errno })?;
+            let bound =
+                loopdev::attach(image, &file).map_err(|errno| DiskError::Loop { image: image.clone(), errno })?;
+            drop(file);
+            steps.mark("loop");
+            bound
+        }
+    };
     let record = image.with_file_name(LOOP_FILE);
     fs::write(&record, format!("{}\n", dev.display())).map_err(io_at(&record))?;
     // noinit_itable: the kernel would otherwise zero the lazily made inode
@@ -140,6 +173,7 @@ fn make_and_mount(disk: &DiskSpec, owner: u32, templates: &Path) -> Result<(), D
     // From here the mount holds the device; closing our fd lets autoclear
     // unbind it when the mount goes.
     drop(loopfd);
+    steps.mark("mount");
     let lost = disk.mount.join("lost+found");
     match fs::remove_dir(&lost) {
         Ok(()) => {}
@@ -149,6 +183,7 @@ fn make_and_mount(disk: &DiskSpec, owner: u32, templates: &Path) -> Result<(), D
     use std::os::unix::fs::PermissionsExt;
     std::os::unix::fs::lchown(&disk.mount, Some(owner), Some(owner)).map_err(io_at(&disk.mount))?;
     fs::set_permissions(&disk.mount, fs::Permissions::from_mode(0o700)).map_err(io_at(&disk.mount))?;
+    steps.mark("own");
     Ok(())
 }
 

@@ -43,6 +43,7 @@ pub mod net;
 pub mod probe;
 pub mod run;
 pub mod spec;
+pub mod steps;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod teardown;

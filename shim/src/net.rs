@@ -33,6 +33,7 @@
 pub mod nft;
 
 use crate::spec::NetSpec;
+use crate::steps::Steps;
 use futures_util::TryStreamExt;
 use nix::errno::Errno;
 use nix::sched::{setns, CloneFlags};
@@ -150,21 +151,28 @@ pub async fn delete_link(handle: &Handle, name: &str) -> Result<bool, NetError> 
 }
 
 /// Creates the veth pair for the child `pid` and configures both ends.
-pub fn setup(net: &NetSpec, pid: i32, proc_root: &Path) -> Result<(), NetError> {
-    runtime()?.block_on(async {
+/// Returns the time of each step.
+pub fn setup(net: &NetSpec, pid: i32, proc_root: &Path) -> Result<Steps, NetError> {
+    let mut steps = Steps::new();
+    let rt = runtime()?;
+    steps.mark("runtime");
+    rt.block_on(async {
         let host = connect()?;
         let peer = LinkUnspec::new_with_name(INNER_IF).setns_by_pid(pid as u32).build();
         let veth =
             LinkVeth::new(&net.host_if, INNER_IF).set_info_data(InfoData::Veth(InfoVeth::Peer(peer))).up().build();
         host.link().add(veth).execute().await.map_err(nl(format!("create veth {}", net.host_if)))?;
+        steps.mark("veth");
         let idx = index_of(&host, &net.host_if).await?.ok_or_else(|| NetError::NoLink(net.host_if.clone()))?;
         host.address()
             .add(idx, IpAddr::V4(net.host_addr), net.prefix_len)
             .execute()
             .await
             .map_err(nl(format!("address {}/{} on {}", net.host_addr, net.prefix_len, net.host_if)))?;
+        steps.mark("host_addr");
 
         let inner = connect_in(proc_root, pid)?;
+        steps.mark("setns");
         let i = index_of(&inner, INNER_IF).await?.ok_or_else(|| NetError::NoLink(INNER_IF.into()))?;
         inner
             .address()
@@ -175,11 +183,14 @@ pub fn setup(net: &NetSpec, pid: i32, proc_root: &Path) -> Result<(), NetError> 
         inner.link().set(LinkUnspec::new_with_index(i).up().build()).execute().await.map_err(nl("set eth0 up"))?;
         let route = RouteMessageBuilder::<Ipv4Addr>::new().gateway(net.host_addr).output_interface(i).build();
         inner.route().add(route).execute().await.map_err(nl(format!("default route via {}", net.host_addr)))?;
+        steps.mark("inner");
         if !net.nft_table.is_empty() {
             nft::add_build(&net.nft_table, net.inner_addr, &net.host_if)?;
+            steps.mark("nft");
         }
-        Ok(())
-    })
+        Ok::<(), NetError>(())
+    })?;
+    Ok(steps)
 }
 
 /// Undoes [`setup`] and releases the subnet: removes the host-side link

@@ -17,6 +17,7 @@ mod supervise;
 
 use crate::cgroup::{self, CgroupError};
 use crate::spec::{EndReason, Outcome, PidStamp, Spec, SpecError, DAEMON_LOG_FILE, DAEMON_PID_FILE, SHIM_PID_FILE};
+use crate::steps::Steps;
 use crate::{sys, teardown};
 use nix::errno::Errno;
 use nix::fcntl::{open, OFlag};
@@ -86,6 +87,8 @@ struct Started {
     err_r: OwnedFd,
     /// The daemon's stdout and stderr, copied to daemon.log.
     output: Output,
+    /// How long each step of the start took (`crate::steps`).
+    steps: Steps,
 }
 
 /// Runs the instance in `dir` to its end and returns the outcome to print.
@@ -94,6 +97,7 @@ struct Started {
 /// reported the outcome (see `teardown::finish`).
 pub fn run(dir: &Path, proc_root: &Path) -> (Outcome, Option<std::path::PathBuf>) {
     let started = Instant::now();
+    let mut steps = Steps::new();
     // First of all, so that a SIGTERM from the agent is never lost or
     // fatal: from here on it waits in the signalfd.
     let sigfd = block_signals();
@@ -116,15 +120,23 @@ pub fn run(dir: &Path, proc_root: &Path) -> (Outcome, Option<std::path::PathBuf>
         }
     };
     let id = spec.id.as_str();
+    steps.mark("spec");
     let mut out = Outcome::new(id, EndReason::StartFailed);
     let mut daemon = None;
     let mut grace = Duration::ZERO;
     let mut status = None;
     // Kept until the daemon is gone (see Started::_sync_w).
     let mut keep = None;
-    match sigfd.and_then(|sigfd| start(&spec, dir, proc_root, &mut daemon).map(|s| (sigfd, s))) {
+    match sigfd.and_then(|sigfd| start(&spec, dir, proc_root, &mut daemon, steps).map(|s| (sigfd, s))) {
         Ok((sigfd, mut s)) => {
-            crate::log!(id, "daemon pid {} started: {} (client {})", s.pid, spec.daemon.display(), spec.client);
+            crate::log!(
+                id,
+                "daemon pid {} started: {} (client {}); start steps: {}",
+                s.pid,
+                spec.daemon.display(),
+                spec.client,
+                s.steps.render()
+            );
             let end = supervise::watch(id, &sigfd, s.pid, &s.err_r, &mut s.output);
             out.reason = end.reason;
             out.error = end.error;
@@ -177,7 +189,13 @@ fn block_signals() -> Result<SignalFd, RunError> {
 
 /// Everything up to the handshake byte. On error, `daemon` holds the
 /// child's pid if it was cloned; dropping the pipes makes it `_exit`.
-fn start(spec: &Spec, dir: &Path, proc_root: &Path, daemon: &mut Option<Pid>) -> Result<Started, RunError> {
+fn start(
+    spec: &Spec,
+    dir: &Path,
+    proc_root: &Path,
+    daemon: &mut Option<Pid>,
+    mut steps: Steps,
+) -> Result<Started, RunError> {
     // fd-passed (issue 15): the pod's listener, inherited from the agent as
     // fd 3; taken first, so the number is ours before anything is opened.
     let listener = match spec.listen_fd {
@@ -202,6 +220,7 @@ fn start(spec: &Spec, dir: &Path, proc_root: &Path, daemon: &mut Option<Pid>) ->
     let (sync_r, sync_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
 
+    steps.mark("setup");
     let threads = sys::thread_count(proc_root).map_err(io_at(&proc_root.join("self/task")))?;
     if threads != 1 {
         return Err(RunError::Threads { proc: proc_root.join("self/task"), threads });
@@ -217,6 +236,7 @@ fn start(spec: &Spec, dir: &Path, proc_root: &Path, daemon: &mut Option<Pid>) ->
             .map_err(|errno| RunError::Sys { what: "clone", errno })?
     };
     *daemon = Some(pid);
+    steps.mark("clone");
     // The child has its own copies; ours of its ends must go so that EOF
     // and hangups mean what they should.
     // The daemon has its own copy of the pod's listener too.
@@ -226,11 +246,34 @@ fn start(spec: &Spec, dir: &Path, proc_root: &Path, daemon: &mut Option<Pid>) ->
         let path = proc_root.join(pid.to_string()).join(file);
         fs::write(&path, spec.ids.map_line()).map_err(io_at(&path))?;
     }
-    cgroup::join(&spec.cgroup, pid.as_raw())?;
-    // Isolated network: the veth into the child's new namespace, before
-    // the child may exec (see `net`).
-    if let Some(net) = &spec.network {
-        crate::net::setup(net, pid.as_raw(), proc_root)?;
+    steps.mark("maps");
+    match &spec.network {
+        None => {
+            cgroup::join(&spec.cgroup, pid.as_raw())?;
+            steps.mark("cgroup");
+        }
+        // Isolated network: the veth into the child's new namespace, before
+        // the child may exec (see `net`), beside the cgroup join, which can
+        // wait ~10 ms for an RCU grace period on v1 (docs/benchmarks.md,
+        // figure 1): the two touch nothing in common. A thread after clone
+        // is fine; only clone needs the shim single-threaded.
+        Some(net) => {
+            let (joined, net_steps) = std::thread::scope(|s| {
+                let join = s.spawn(|| {
+                    let t = Instant::now();
+                    (cgroup::join(&spec.cgroup, pid.as_raw()), t.elapsed())
+                });
+                let net_steps = crate::net::setup(net, pid.as_raw(), proc_root);
+                (join.join().expect("the cgroup join does not panic"), net_steps)
+            });
+            let (joined, took) = joined;
+            joined?;
+            let net_steps = net_steps?;
+            steps.mark("cgroup+net");
+            steps.add("cgroup", took);
+            steps.nest("net", &net_steps);
+            steps.reset();
+        }
     }
     let daemon_pid = dir.join(DAEMON_PID_FILE);
     let stamp = PidStamp::of(proc_root, pid.as_raw()).map_err(io_at(&proc_root.join(pid.to_string())))?;
@@ -240,5 +283,6 @@ fn start(spec: &Spec, dir: &Path, proc_root: &Path, daemon: &mut Option<Pid>) ->
         Ok(_) => return Err(RunError::Child { pid, what: "handshake write", errno: Errno::EIO }),
         Err(errno) => return Err(RunError::Child { pid, what: "handshake write", errno }),
     }
-    Ok(Started { pid, _sync_w: sync_w, err_r, output })
+    steps.mark("handshake");
+    Ok(Started { pid, _sync_w: sync_w, err_r, output, steps })
 }

@@ -15,14 +15,25 @@ pub fn scan(dir: &Path) -> Vec<String> {
 
 /// `(device, backing file)` of loop devices bound below `dir`. The backing
 /// file may carry a " (deleted)" suffix: the image was unlinked while the
-/// device was still bound, which is a leak all the same.
+/// device was still bound, which is a leak all the same. A live agent's
+/// spare images (`<state>/disk-spares/<owner>/`, bound until an instance
+/// takes one) are its cache, not a leak: skipped while that agent's lock is
+/// held, and leaks like any other once it is gone.
 pub fn bound_below(dir: &Path) -> Vec<(String, String)> {
     let prefix = format!("{}/", dir.display());
     berth_shim::disk::bound_loops(Path::new("/sys"), &prefix)
         .into_iter()
-        .filter(|(_, f)| f.starts_with(&prefix))
+        .filter(|(_, f)| f.starts_with(&prefix) && !live_spare(f))
         .map(|(d, f)| (d.display().to_string(), f))
         .collect()
+}
+
+/// Whether `file` is a spare image of a live agent.
+pub fn live_spare(file: &str) -> bool {
+    let marker = format!("/{}/", berth_shim::disk::spare::DIR);
+    let Some((state, rest)) = file.split_once(&marker) else { return false };
+    let Some((owner, name)) = rest.split_once('/') else { return false };
+    !name.contains('/') && !name.ends_with(" (deleted)") && berth_agent::owner::alive(Path::new(state), owner)
 }
 
 /// Unbinds what [`scan`] finds (after the harness has detached the mounts),

@@ -54,6 +54,9 @@ async fn a_flood_gets_the_cap_others_are_served_and_descriptors_come_back() {
         .expect("limits logged");
     assert_eq!(logged["soft_was"], 4096.min(hard));
     assert_eq!(logged["hard"], hard);
+    // The agent's spare disk images hold a descriptor each (see
+    // agent/src/disk/spares.rs): the baseline counts them once made.
+    agent.wait_log_async(0, |v| v["message"] == "disk spares ready", WAIT).await.expect("disk spares made");
     let baseline = fds(pid);
 
     // The flood: 8 connections held idle (they get the instance), then 200 more.

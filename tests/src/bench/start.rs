@@ -86,6 +86,21 @@ fn cgroup_attach(n: usize) -> Result<Vec<(String, Vec<f64>)>> {
     Ok(out)
 }
 
+/// Step name -> its durations (ms), in the order the steps first appear,
+/// from `berth_shim::steps` renderings.
+fn step_table(lines: impl Iterator<Item = String>) -> Vec<(String, Vec<f64>)> {
+    let mut table: Vec<(String, Vec<f64>)> = Vec::new();
+    for line in lines {
+        for (name, ms) in berth_shim::steps::parse(&line) {
+            match table.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, v)) => v.push(ms),
+                None => table.push((name, vec![ms])),
+            }
+        }
+    }
+    table
+}
+
 pub async fn run(ctx: &Ctx) -> Result<Figure> {
     let plan = &ctx.plan;
     let plan_quick = plan.quick;
@@ -143,6 +158,26 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
         .skip(plan.warmup)
         .take(berth.len())
         .collect();
+    // Where the start's own time goes, step by step: the agent's part
+    // (`steps` of "instance ready") and the shim's (its "start steps" line),
+    // p50 of each step over the figure's samples.
+    let agent_steps = step_table(
+        agent
+            .logs
+            .values(ready_mark)
+            .iter()
+            .filter(|v| msg_is(v, "instance ready"))
+            .skip(plan.warmup)
+            .filter_map(|v| v.get("steps").and_then(Value::as_str).map(String::from)),
+    );
+    let shim_steps = step_table(
+        agent
+            .logs
+            .raw_lines(ready_mark)
+            .iter()
+            .filter_map(|l| l.split_once("; start steps: ").map(|(_, s)| s.to_string()))
+            .skip(plan.warmup),
+    );
     let leaks = agent.stop().await?;
     let attach = tokio::task::spawn_blocking(move || cgroup_attach(if plan_quick { 3 } else { 50 }))
         .await
@@ -185,6 +220,11 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
             ));
             rows.push(Row::new("1 start", "  v1 memory cgroup attach p99", "ms", p99(v)));
         }
+        for (who, table) in [("agent", &agent_steps), ("shim", &shim_steps)] {
+            for (step, v) in table {
+                rows.push(Row::new("1 start", format!("  step p50: {who} {step} (n={})", v.len()), "ms", p50(v)));
+            }
+        }
         rows
     };
     let mut agent_hist = std::collections::BTreeMap::new();
@@ -207,6 +247,8 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
         "berth_call_ms": summary(&call(&berth)),
         "direct_call_ms": summary(&call(&direct)),
         "agent_start_ms": summary(&start_ms),
+        "agent_steps_ms": agent_steps.iter().map(|(k, v)| (k.clone(), summary(v))).collect::<serde_json::Map<_, _>>(),
+        "shim_steps_ms": shim_steps.iter().map(|(k, v)| (k.clone(), summary(v))).collect::<serde_json::Map<_, _>>(),
     });
     Ok(Figure { rows, details })
 }
