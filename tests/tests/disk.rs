@@ -357,6 +357,7 @@ fn bound_spares(state: &Path) -> Vec<(PathBuf, String)> {
 async fn spare_images_are_never_shared_and_are_swept_after_agent_sigkill() {
     let agent = Agent::builder("disk-spares")
         .args(["--build-disk", "64Mi", "--max-builds", "2", "--idle-timeout", "30s", "--socket-mode", "0666"])
+        .args(["--drain-timeout", "1s"])
         .start_async()
         .await;
     let state = agent.state_dir().to_path_buf();
