@@ -51,15 +51,16 @@ pub async fn splice(r: &UnixStream, w: &UnixStream, mut frames: Option<&mut Fram
     let mut total = 0u64;
     let mut pipes: Option<Pipes> = None;
     loop {
-        let ready = match pipes {
-            Some(_) => match tokio::time::timeout(KEEP, r.readable()).await {
+        let ready = if pipes.is_some() {
+            match tokio::time::timeout(KEEP, r.readable()).await {
                 Ok(ready) => ready,
                 Err(_) => {
                     pipes = None; // drained for a while: give the pipes back
                     r.readable().await
                 }
-            },
-            None => r.readable().await,
+            }
+        } else {
+            r.readable().await
         };
         if ready.is_err() {
             return (total, false);
@@ -156,8 +157,13 @@ async fn send(pr: &OwnedFd, w: &UnixStream, mut k: usize) -> io::Result<()> {
 fn walk_frames(pr: &OwnedFd, mut k: usize, frames: &mut Frames) -> io::Result<()> {
     let mut buf = [0u8; PEEK_READ];
     while k > 0 {
+        if !frames.tracking() {
+            // Not HTTP/2 after all: nothing more to see in this burst.
+            to_io(nix_splice(pr, None, devnull()?, None, k, SpliceFFlags::empty()))?;
+            return Ok(());
+        }
         let skip = frames.payload_left().min(k);
-        let m = if skip >= SKIP_AT && frames.tracking() {
+        let m = if skip >= SKIP_AT {
             let m = to_io(nix_splice(pr, None, devnull()?, None, skip, SpliceFFlags::empty()))?;
             frames.skip(m);
             m
