@@ -117,7 +117,8 @@ async fn download_until_the_daemon_exits(socket: &Path) -> (u64, String) {
     let mut body = body.expect("Stream answers");
     let (mut buf, mut next, mut exit) = (Vec::<u8>::new(), 0u64, None);
     let end = loop {
-        let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), body.data()).await.expect("stream stalls") else {
+        let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), body.data()).await.expect("stream stalls")
+        else {
             break "the stream ended without an error".to_string();
         };
         let chunk = match chunk {

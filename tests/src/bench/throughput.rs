@@ -67,12 +67,8 @@ async fn download(socket: &Path, total: u64, chunk: usize) -> Result<f64> {
     let t0 = Instant::now();
     let work = async {
         let req = StreamRequest { total_bytes: total, chunk_bytes: chunk as u32, delay_ms: 0 };
-        let mut s = conn
-            .fake()
-            .stream(req)
-            .await
-            .map_err(|e| anyhow!("Stream: {:?}: {}", e.code(), e.message()))?
-            .into_inner();
+        let mut s =
+            conn.fake().stream(req).await.map_err(|e| anyhow!("Stream: {:?}: {}", e.code(), e.message()))?.into_inner();
         let (mut got, mut k) = (0u64, 0u64);
         while let Some(m) = s.message().await.map_err(|e| anyhow!("Stream: {:?}: {}", e.code(), e.message()))? {
             if m.offset != got {

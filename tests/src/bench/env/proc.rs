@@ -82,7 +82,9 @@ pub fn switches(pid: u32) -> Option<u64> {
     for e in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
         let Ok(s) = fs::read_to_string(e.path().join("status")) else { continue };
         for l in s.lines() {
-            if let Some(v) = l.strip_prefix("voluntary_ctxt_switches:").or(l.strip_prefix("nonvoluntary_ctxt_switches:")) {
+            if let Some(v) =
+                l.strip_prefix("voluntary_ctxt_switches:").or(l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
                 sum += v.trim().parse::<u64>().unwrap_or(0);
             }
         }
