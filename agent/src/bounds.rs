@@ -4,9 +4,9 @@
 //! clients waiting in the admission queue hold at most
 //! `--max-queued-connections` together; and the agent raises its own
 //! descriptor limit at start, so the caps, not the kernel, say no first.
-//! A proxied connection holds two sockets, and a pipe (two descriptors)
-//! only while the client's bytes flow (proxy/splice.rs): at most four
-//! descriptors each, so one client's share is 4 x `--max-client-connections`.
+//! A proxied connection holds two sockets, and pipes only while bytes flow
+//! (proxy/splice.rs: one up, two down): at most eight descriptors each, so
+//! one client's share is 8 x `--max-client-connections`.
 //!
 //! The counts live in one table keyed like instances (the client key), and
 //! each connection holds a ticket that gives its count back when dropped, so

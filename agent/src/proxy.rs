@@ -1,10 +1,14 @@
 //! The proxy: the client's bytes go to the instance socket and back,
 //! unparsed, until either side closes.
 //!
+//! Both directions move with splice(2), never through user space
+//! (proxy/splice.rs).
+//!
 //! One thing is added, never changed: when the instance dies under a client
 //! that is still connected (OOM kill, pids limit, crash), the client would
 //! only see "transport error". So the daemon-to-client direction tracks
-//! HTTP/2 frame boundaries (9-byte headers, no parsing of payloads), and if
+//! HTTP/2 frame boundaries (9-byte headers, no parsing of payloads; the
+//! splice walk reads the headers and skips the payloads), and if
 //! the daemon's side ends at a boundary the proxy appends one GOAWAY frame
 //! whose debug data says why, then closes. gRPC clients (grpc-go in buildx
 //! and buildctl, h2 in Rust) put that debug data into the error they show.
@@ -16,17 +20,8 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
-/// Buffers per direction grow with the traffic. An idle connection holds
-/// none (it waits for readiness, then reads), so a client holding many idle
-/// connections costs the agent a few KiB each (invariant 6). A wake-up reads
-/// into SMALL; a read that fills it means data is flowing, and the direction
-/// moves to BIG until the socket is drained: layer blobs move in big writes
-/// and fewer syscalls matter for the throughput goal.
-const SMALL: usize = 16 * 1024;
-const BIG: usize = 256 * 1024;
 /// How long a dead instance's reason may take to arrive (the shim reports
 /// after its wipe).
 const NOTE_WAIT: Duration = Duration::from_secs(3);
@@ -39,17 +34,17 @@ const INTERNAL_ERROR: u32 = 0x2;
 pub async fn pipe(client: UnixStream, inst: &Instance) -> io::Result<(u64, u64)> {
     let upstream = UnixStream::connect(inst.socket()).await?;
     let (cr, mut cw) = client.into_split();
-    let (mut ur, mut uw) = upstream.into_split();
+    let (ur, mut uw) = upstream.into_split();
     let client_eof = AtomicBool::new(false);
     let up = async {
-        let (n, eof) = splice::splice(cr.as_ref(), uw.as_ref()).await;
+        let (n, eof) = splice::splice(cr.as_ref(), uw.as_ref(), None).await;
         client_eof.store(eof, Ordering::SeqCst);
         let _ = uw.shutdown().await;
         n
     };
     let down = async {
         let mut frames = Frames::default();
-        let (n, _) = copy(&mut ur, &mut cw, |b| frames.feed(b)).await;
+        let (n, _) = splice::splice(ur.as_ref(), cw.as_ref(), Some(&mut frames)).await;
         // The daemon's side ended while the client still talks: tell why.
         if !client_eof.load(Ordering::SeqCst) && frames.at_boundary() && frames.is_h2() {
             match inst.wait_end_note(NOTE_WAIT).await {
@@ -65,35 +60,6 @@ pub async fn pipe(client: UnixStream, inst: &Instance) -> io::Result<(u64, u64)>
     };
     let (up, down) = tokio::join!(up, down);
     Ok((up, down))
-}
-
-/// Copies until EOF or an error on either side; returns the bytes moved and
-/// whether the reader reached a clean EOF (rather than the writer failing).
-async fn copy(r: &mut OwnedReadHalf, w: &mut OwnedWriteHalf, mut seen: impl FnMut(&[u8])) -> (u64, bool) {
-    let mut total = 0;
-    loop {
-        if r.readable().await.is_err() {
-            return (total, false);
-        }
-        // Allocated per burst, freed when the socket is drained.
-        let mut buf = vec![0u8; SMALL];
-        loop {
-            let n = match r.try_read(&mut buf) {
-                Ok(0) => return (total, true),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => return (total, false),
-            };
-            seen(&buf[..n]);
-            if w.write_all(&buf[..n]).await.is_err() {
-                return (total, false);
-            }
-            total += n as u64;
-            if n == buf.len() && buf.len() < BIG {
-                buf = vec![0u8; BIG];
-            }
-        }
-    }
 }
 
 /// Tracks HTTP/2 frame boundaries in a byte stream without keeping data.
@@ -133,6 +99,29 @@ impl Frames {
                 self.have = 0;
             }
         }
+    }
+
+    /// Whether the stream is still walked (it began as HTTP/2 and every
+    /// byte so far was seen).
+    pub fn tracking(&self) -> bool {
+        !self.broken
+    }
+
+    /// Payload bytes of the current frame still to come: the splice walk
+    /// skips these without reading them.
+    pub fn payload_left(&self) -> usize {
+        self.left
+    }
+
+    /// Counts `n <= payload_left()` payload bytes as seen, unread.
+    pub fn skip(&mut self, n: usize) {
+        self.left -= n.min(self.left);
+    }
+
+    /// Some bytes went by unseen: no boundary is known from now on, so no
+    /// note will be written on this stream.
+    pub fn give_up(&mut self) {
+        self.broken = true;
     }
 
     pub fn at_boundary(&self) -> bool {

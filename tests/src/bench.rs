@@ -67,6 +67,9 @@ struct Cli {
     /// Figure 2: bytes each way per transfer.
     #[arg(long, hide = true)]
     tp_bytes: Option<u64>,
+    /// Figure 2: transfers per path (median of these).
+    #[arg(long, hide = true)]
+    tp_reps: Option<usize>,
     /// Figure 1: samples per path.
     #[arg(long, hide = true)]
     start_samples: Option<usize>,
@@ -234,6 +237,7 @@ pub fn main() -> i32 {
     let mut plan = if cli.quick { Plan::quick() } else { Plan::full() };
     plan.tp_chunk = cli.tp_chunk.unwrap_or(plan.tp_chunk).max(1);
     plan.tp_bytes = cli.tp_bytes.unwrap_or(plan.tp_bytes).max(1);
+    plan.tp_reps = cli.tp_reps.unwrap_or(plan.tp_reps).max(1);
     plan.start_samples = cli.start_samples.unwrap_or(plan.start_samples).max(1);
     plan.wipe_iters = cli.wipe_iters.unwrap_or(plan.wipe_iters).max(1);
     let selected: Vec<&str> = if cli.only.is_empty() {

@@ -5,11 +5,12 @@
 //! daemon, cgroup limits and client are identical and only the path
 //! differs. Transfers alternate between the paths; each figure is the
 //! median of the repetitions. Each transfer runs on a fresh connection.
+//! Then the same paths one way: Fake.Stream sends N bytes down only.
 
 use crate::bench::env::{self, cpu_time, BenchAgent, Conn, CALL_TIMEOUT};
 use crate::bench::report::{p50, summary, Goal, Row};
 use crate::bench::{Ctx, Figure};
-use crate::proto::fake::EchoMessage;
+use crate::proto::fake::{EchoMessage, StreamRequest};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -52,6 +53,42 @@ async fn echo(socket: &Path, total: u64, chunk: &Arc<Vec<u8>>) -> Result<f64> {
     match tokio::time::timeout(budget, work).await {
         Ok(r) => r?,
         Err(_) => bail!("Echo of {total} bytes did not finish within {budget:?}"),
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    conn.close();
+    Ok(secs)
+}
+
+/// Fake.Stream of `total` bytes in `chunk`-byte messages on a fresh
+/// connection (daemon to client only); returns the elapsed seconds. Every
+/// 64th message is checked against the pattern at its offset.
+async fn download(socket: &Path, total: u64, chunk: usize) -> Result<f64> {
+    let conn = Conn::open(socket).await?;
+    let t0 = Instant::now();
+    let work = async {
+        let req = StreamRequest { total_bytes: total, chunk_bytes: chunk as u32, delay_ms: 0 };
+        let mut s =
+            conn.fake().stream(req).await.map_err(|e| anyhow!("Stream: {:?}: {}", e.code(), e.message()))?.into_inner();
+        let (mut got, mut k) = (0u64, 0u64);
+        while let Some(m) = s.message().await.map_err(|e| anyhow!("Stream: {:?}: {}", e.code(), e.message()))? {
+            if m.offset != got {
+                bail!("Stream message {k} at offset {}, expected {got}", m.offset);
+            }
+            if k.is_multiple_of(64) && m.data != crate::pattern::chunk(m.offset, m.data.len()) {
+                bail!("Stream message {k} came back different");
+            }
+            got += m.data.len() as u64;
+            k += 1;
+        }
+        if got != total {
+            bail!("Stream returned {got} bytes of {total}");
+        }
+        Ok(())
+    };
+    let budget = CALL_TIMEOUT + Duration::from_secs_f64(total as f64 / (20 << 20) as f64);
+    match tokio::time::timeout(budget, work).await {
+        Ok(r) => r?,
+        Err(_) => bail!("Stream of {total} bytes did not finish within {budget:?}"),
     }
     let secs = t0.elapsed().as_secs_f64();
     conn.close();
@@ -182,6 +219,9 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
     let mut proxy_cpu = vec![0.0; k];
     let mut daemon_cpu = vec![0.0; k];
     let mut client_cpu = vec![0.0; k];
+    let mut proxy_sw = vec![0u64; k];
+    let mut daemon_sw = vec![0u64; k];
+    let sw = |p: Option<u32>| p.and_then(env::switches).unwrap_or(0);
     for rep in 0..plan.tp_reps {
         for j in 0..k {
             let i = (j + rep) % k;
@@ -189,12 +229,31 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
             let p0 = ppid.and_then(cpu_time).unwrap_or_default();
             let d0 = cpu_time(dpid).unwrap_or_default();
             let c0 = self_cpu();
+            let (ps0, ds0) = (sw(ppid), sw(Some(dpid)));
             secs[i].push(echo(p, plan.tp_bytes, &chunk).await?);
+            proxy_sw[i] += sw(ppid).saturating_sub(ps0);
+            daemon_sw[i] += sw(Some(dpid)).saturating_sub(ds0);
             proxy_cpu[i] += ppid.and_then(cpu_time).unwrap_or_default().saturating_sub(p0).as_secs_f64();
             daemon_cpu[i] += cpu_time(dpid).unwrap_or_default().saturating_sub(d0).as_secs_f64();
             client_cpu[i] += self_cpu() - c0;
         }
         progress!("throughput: {}/{}", rep + 1, plan.tp_reps);
+    }
+    // One way: the daemon streams, the client only reads.
+    let mut down_secs: Vec<Vec<f64>> = vec![Vec::new(); k];
+    let mut down_cpu = vec![0.0; k];
+    for (_, p, _) in &paths {
+        download(p, small, plan.tp_chunk).await?;
+    }
+    for rep in 0..plan.tp_reps {
+        for j in 0..k {
+            let i = (j + rep) % k;
+            let (_, ref p, ppid) = paths[i];
+            let p0 = ppid.and_then(cpu_time).unwrap_or_default();
+            down_secs[i].push(download(p, plan.tp_bytes, plan.tp_chunk).await?);
+            down_cpu[i] += ppid.and_then(cpu_time).unwrap_or_default().saturating_sub(p0).as_secs_f64();
+        }
+        progress!("throughput, one way: {}/{}", rep + 1, plan.tp_reps);
     }
     let rss1 = env::rss(agent.pid).unwrap_or(0);
     // Connection latency to the running instance: proxy path vs direct.
@@ -210,6 +269,7 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
     let mib = plan.tp_bytes as f64 / (1 << 20) as f64;
     let rate = |s: &[f64]| s.iter().map(|x| mib / x).collect::<Vec<_>>();
     let rates: Vec<Vec<f64>> = secs.iter().map(|s| rate(s)).collect();
+    let down_rates: Vec<Vec<f64>> = down_secs.iter().map(|s| rate(s)).collect();
     let gib = plan.tp_bytes as f64 * plan.tp_reps as f64 / (1u64 << 30) as f64;
     let per_gib = |v: &[f64]| v.iter().map(|x| x / gib.max(1e-9)).collect::<Vec<_>>();
     let size = if plan.tp_bytes >= 1 << 30 {
@@ -236,6 +296,12 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
         // /proc/<agent>/stat), against the reference copy proxy's.
         Row::new("2 throughput", "  agent CPU per GiB each way", "CPU-s", p50(&per_gib(&proxy_cpu[1..2])))
             .baseline(p50(&per_gib(&proxy_cpu[2..3])), "reference copy proxy, same transfers"),
+        Row::new("2 throughput", format!("Stream {size} down only, MiB/s"), "MiB/s", p50(&down_rates[1]))
+            .baseline(p50(&down_rates[0]), base_is),
+        Row::new("2 throughput", "  same via reference splice proxy", "MiB/s", p50(&down_rates[3]))
+            .baseline(p50(&down_rates[0]), base_is),
+        Row::new("2 throughput", "  agent CPU per GiB down only", "CPU-s", p50(&per_gib(&down_cpu[1..2])))
+            .baseline(p50(&per_gib(&down_cpu[3..4])), "reference splice proxy, same transfers"),
         Row::new(
             "2 throughput",
             format!("reconnect to running instance, first byte p50 (n={nrc})"),
@@ -256,6 +322,13 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
         "proxy_cpu_s_per_gib": per_gib(&proxy_cpu),
         "daemon_cpu_s_per_gib": per_gib(&daemon_cpu),
         "client_cpu_s_per_gib": per_gib(&client_cpu),
+        // Context switches (all threads) per GiB each way: the relays' and
+        // the daemon's wake-ups.
+        "proxy_switches_per_gib": proxy_sw.iter().map(|&x| x as f64 / gib.max(1e-9)).collect::<Vec<_>>(),
+        "daemon_switches_per_gib": daemon_sw.iter().map(|&x| x as f64 / gib.max(1e-9)).collect::<Vec<_>>(),
+        "down_only_seconds": down_secs,
+        "down_only_mib_s": down_rates,
+        "down_only_proxy_cpu_s_per_gib": per_gib(&down_cpu),
         "agent_rss_mib_before_transfers": rss0 as f64 / (1 << 20) as f64,
         "agent_rss_mib_after_transfers": rss1 as f64 / (1 << 20) as f64,
         "reconnect_first_byte_ms_berth": summary(&rc_berth),

@@ -75,6 +75,23 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     Some(Duration::from_secs_f64((ut + st) as f64 / hz as f64))
 }
 
+/// Context switches (voluntary + involuntary) of all of `pid`'s threads so
+/// far: each wake-up of a relay or an end shows here.
+pub fn switches(pid: u32) -> Option<u64> {
+    let mut sum = 0;
+    for e in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let Ok(s) = fs::read_to_string(e.path().join("status")) else { continue };
+        for l in s.lines() {
+            if let Some(v) =
+                l.strip_prefix("voluntary_ctxt_switches:").or(l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                sum += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    Some(sum)
+}
+
 /// Children of `parent` whose comm is `comm`.
 pub fn children_named(parent: u32, comm: &str) -> Vec<u32> {
     let mut out = Vec::new();
