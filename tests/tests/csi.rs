@@ -1,13 +1,18 @@
 //! The CSI node plugin, end to end: the suite plays kubelet with a tonic CSI
 //! client on the plugin socket, publishing into a temp kubelet dir, and
 //! talks to the pods' instances through the published sockets.
+//!
+//! Runs on this machine's cgroup v1 and in the cgroup v2 VM lane (no Python
+//! there: the socket-mode probe is a fakeclient run as another uid). The
+//! harness's waits stretch with the time scale; the suite's own loop and
+//! idle timeout go through `scaled` here.
 
 use berth_agent::proto::csi_v1::identity_client::IdentityClient;
 use berth_agent::proto::csi_v1::node_client::NodeClient;
 use berth_agent::proto::csi_v1::{
     volume_capability, GetPluginInfoRequest, NodeGetInfoRequest, NodePublishVolumeRequest, NodeUnpublishVolumeRequest,
 };
-use berth_tests::harness::{Agent, AgentBuilder};
+use berth_tests::harness::{fakeclient, run_json, scaled, scaled_flag, Agent, AgentBuilder};
 use berth_tests::kubelet::{mount_cap, pod_ctx};
 use berth_tests::proto::fake::PingRequest;
 use berth_tests::{fake_client, try_channel};
@@ -17,13 +22,14 @@ use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::Code;
 
+/// A bound on the harness's waits (which stretch it with the time scale).
 const WAIT: Duration = Duration::from_secs(20);
 
 /// An agent serving CSI with kubelet dir, run dir and plugin socket in its
 /// temp dir.
 fn builder(name: &str, extra: &[&str]) -> AgentBuilder {
     let mut b = Agent::builder(name)
-        .args(["--max-builds", "4", "--idle-timeout", "30s", "--http-addr", "off"])
+        .args(["--max-builds", "4", "--idle-timeout", &scaled_flag("30s"), "--http-addr", "off"])
         .dir_arg("--csi-endpoint", "csi.sock")
         .dir_arg("--kubelet-dir", "kubelet")
         .dir_arg("--run-dir", "run");
@@ -73,7 +79,7 @@ impl Kubelet<'_> {
 }
 
 async fn channel(sock: &Path) -> Channel {
-    let deadline = std::time::Instant::now() + WAIT;
+    let deadline = std::time::Instant::now() + scaled(WAIT);
     loop {
         match try_channel(sock).await {
             Ok(c) => return c,
@@ -143,18 +149,12 @@ async fn pods_get_their_own_instances_and_unpublish_leaves_nothing() {
     // Pod b's instance socket is closed to pod a's instance root (another uid).
     let base_a: u32 = a1.uid_map.split_whitespace().nth(1).unwrap().parse().unwrap();
     let b_sock = PathBuf::from(b1.addrs[0].trim_start_matches("unix://"));
-    let probe = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])",
-            b_sock.to_str().unwrap(),
-        ])
-        .uid(base_a)
-        .gid(base_a)
-        .output()
-        .unwrap();
-    assert!(!probe.status.success(), "instance a's root reached instance b's socket");
-    assert!(String::from_utf8_lossy(&probe.stderr).contains("Permission denied"));
+    let mut probe = fakeclient(&b_sock);
+    probe.args(["ping"]).uid(base_a).gid(base_a);
+    let probe = run_json(probe);
+    assert!(!probe.ok(), "instance a's root reached instance b's socket: {probe:?}");
+    assert_eq!(probe.json["connect_failed"], true, "{probe:?}");
+    assert!(probe.error_message().is_some_and(|m| m.contains("Permission denied")), "{probe:?}");
 
     k.unpublish("csi-vol-a", "pod-a").await.unwrap();
     let end = agent

@@ -7,7 +7,7 @@
 //! required), run with `--require-runc`: it looks runc up on its own PATH
 //! and runs it as the instance's mapped root, as buildkitd does.
 
-use berth_tests::harness::{bin_path, run_fakeclient, Agent};
+use berth_tests::harness::{bin_path, run_fakeclient, scaled_flag, Agent};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -105,7 +105,7 @@ fn runc_only_on_the_agents_path_reaches_the_daemon() {
         .daemon(&daemon)
         .env("PATH", &path)
         .daemon_arg("--require-runc")
-        .args(["--idle-timeout", "1s"])
+        .args(["--idle-timeout", &scaled_flag("1s")])
         .start();
     let r = run_fakeclient(agent.socket(), &["ping"]);
     assert!(r.ok(), "check said ok, but the daemon did not start: {r:?}\n{}", agent.log_tail(30));

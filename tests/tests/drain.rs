@@ -1,18 +1,24 @@
 //! Never kill a build: drain on SIGTERM, hand over to a second agent on the
 //! same node, and recover from a crash. A long fakekitd Stream is the build;
 //! its checksum proves it completed intact.
+//!
+//! Runs on this machine's cgroup v1 and in the cgroup v2 VM lane. The
+//! harness's waits stretch with the time scale on their own; the suite's own
+//! loops, idle timeouts and client timeouts go through `scaled` here.
 
-use berth_tests::harness::{fakeclient, Agent, AgentBuilder};
+use berth_tests::harness::{cgroup_parent_dirs, fakeclient, scaled, scaled_flag, scaled_secs, Agent, AgentBuilder};
 use serde_json::Value;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+/// A bound on the harness's waits (which stretch it with the time scale).
 const WAIT: Duration = Duration::from_secs(30);
 
 fn agent(name: &str, extra: &[&str]) -> AgentBuilder {
-    let mut b = Agent::builder(name).args(["--max-builds", "4", "--idle-timeout", "500ms", "--socket-mode", "0666"]);
+    let idle = scaled_flag("500ms");
+    let mut b = Agent::builder(name).args(["--max-builds", "4", "--idle-timeout", &idle, "--socket-mode", "0666"]);
     for a in extra {
         b = b.arg(a);
     }
@@ -22,12 +28,15 @@ fn agent(name: &str, extra: &[&str]) -> AgentBuilder {
 /// A ~3 s stream of 4 MiB as a separate client process of `uid`.
 fn start_stream(socket: &std::path::Path, uid: u32) -> Child {
     let mut cmd = fakeclient(socket);
-    cmd.args(["--timeout", "60", "stream", "4Mi", "64Ki", "45"]).uid(uid).gid(uid);
+    cmd.args(["--timeout", &scaled_secs(60), "stream", "4Mi", "64Ki", "45"]).uid(uid).gid(uid);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd.spawn().unwrap()
 }
 
+/// The client's JSON result, once it exits within `limit` (stretched by the
+/// time scale).
 fn finish(mut child: Child, limit: Duration) -> Value {
+    let limit = scaled(limit);
     let t0 = Instant::now();
     loop {
         if child.try_wait().unwrap().is_some() {
@@ -45,7 +54,7 @@ fn finish(mut child: Child, limit: Duration) -> Value {
 
 fn ping_as(socket: &std::path::Path, uid: u32) -> Value {
     let mut cmd = fakeclient(socket);
-    cmd.args(["--timeout", "20", "ping"]).uid(uid).gid(uid);
+    cmd.args(["--timeout", &scaled_secs(20), "ping"]).uid(uid).gid(uid);
     let out = cmd.output().unwrap();
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
@@ -125,7 +134,11 @@ fn second_agent_takes_new_clients_while_the_first_finishes() {
 fn drain_timeout_forces_the_cleanup() {
     let agent = agent("drain-timeout", &["--drain-timeout", "1s"]).start();
     let mut hang = fakeclient(agent.socket());
-    hang.args(["--timeout", "60", "hang"]).uid(2201).gid(2201).stdout(Stdio::piped()).stderr(Stdio::piped());
+    hang.args(["--timeout", &scaled_secs(60), "hang"])
+        .uid(2201)
+        .gid(2201)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let hang = hang.spawn().unwrap();
     wait_streaming(&agent);
     let t0 = Instant::now();
@@ -192,12 +205,11 @@ fn a_second_agent_with_another_state_dir_never_kills_the_firsts_instances() {
     // live instance for a leftover.
     let shared = format!("berth-test/shared-{}", std::process::id());
     // Removes the shared parent even when an assertion fails: neither
-    // agent's harness owns it.
+    // agent's harness owns it. On v1 one dir per hierarchy, on v2 one.
     struct Shared(String);
     impl Drop for Shared {
         fn drop(&mut self) {
-            for c in ["memory", "cpu", "pids"] {
-                let dir = std::path::Path::new("/sys/fs/cgroup").join(c).join(&self.0);
+            for dir in cgroup_parent_dirs(std::path::Path::new("/sys/fs/cgroup"), &self.0) {
                 if let Ok(rd) = std::fs::read_dir(&dir) {
                     for e in rd.flatten().filter(|e| e.path().is_dir()) {
                         let _ = std::fs::remove_dir(e.path());
@@ -208,7 +220,9 @@ fn a_second_agent_with_another_state_dir_never_kills_the_firsts_instances() {
         }
     }
     let _cleanup = Shared(shared.clone());
-    let first = agent("sweep-foreign-a", &["--cgroup-parent", &shared, "--idle-timeout", "5s"]).start();
+    // The first agent's instance must outlive the second agent's start.
+    let idle = scaled_flag("5s");
+    let first = agent("sweep-foreign-a", &["--cgroup-parent", &shared, "--idle-timeout", &idle]).start();
     let before = ping_as(first.socket(), 2501);
     assert!(before.get("error").is_none(), "{before}");
     let second = agent("sweep-foreign-b", &["--cgroup-parent", &shared]).start();

@@ -22,6 +22,20 @@ pub fn scaled(d: Duration) -> Duration {
     d * time_scale()
 }
 
+/// A duration flag of the agent (`--idle-timeout 3s`, `--stop-grace 500ms`:
+/// humantime) stretched by [`time_scale`], as milliseconds. A test whose
+/// idle timeout must outlast its own next call uses it, so that a slow
+/// machine does not reap an instance between two calls of one client.
+pub fn scaled_flag(value: &str) -> String {
+    let d = humantime::parse_duration(value).unwrap_or_else(|e| panic!("duration {value:?}: {e}"));
+    format!("{}ms", scaled(d).as_millis())
+}
+
+/// fakeclient's `--timeout <seconds>`, stretched by [`time_scale`].
+pub fn scaled_secs(secs: u64) -> String {
+    scaled(Duration::from_secs(secs)).as_secs().to_string()
+}
+
 /// Calls `f` every `every` until it yields a value or `timeout` passes
 /// (then one last call decides).
 pub fn poll<T>(timeout: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
@@ -253,6 +267,15 @@ impl LogBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scaled_flags_keep_their_unit_and_stretch() {
+        let k = time_scale() as u128;
+        assert_eq!(scaled_flag("3s"), format!("{}ms", 3000 * k));
+        assert_eq!(scaled_flag("500ms"), format!("{}ms", 500 * k));
+        assert_eq!(scaled_secs(20), (20 * k).to_string());
+        assert!(humantime::parse_duration(&scaled_flag("1m 5s")).is_ok());
+    }
 
     #[test]
     fn salvages_a_record_spliced_after_a_fragment() {

@@ -74,8 +74,10 @@ async fn daemon_start_failure_is_unavailable_and_leaves_nothing() {
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     assert!(err.message().contains(&unique), "message lacks the daemon's stderr {unique:?}: {err:?}");
     // A daemon that exits fails the start at once, not after the 30s
-    // default start timeout.
-    assert!(t0.elapsed() < Duration::from_secs(30), "waited for the start timeout: {:?}", t0.elapsed());
+    // default start timeout (stretched with the time scale: the harness
+    // stretches the agent's start timeout too).
+    let start_timeout = scaled(Duration::from_secs(30));
+    assert!(t0.elapsed() < start_timeout, "waited for the start timeout {start_timeout:?}: {:?}", t0.elapsed());
     assert_clean(&agent, "after the failed start").await;
     assert_eq!(agent.try_exit_status(), None, "agent exited");
 
@@ -89,13 +91,22 @@ async fn daemon_start_failure_is_unavailable_and_leaves_nothing() {
         msg.contains("1s") && ["did not answer", "timed out", "timeout", "not ready"].iter().any(|w| msg.contains(w)),
         "message does not mention the 1s start timeout: {err:?}"
     );
-    // Ruled out: waiting for the daemon's 60s start delay instead of the 1s start timeout.
-    assert!(took < Duration::from_secs(60), "refusal took {took:?} with --start-timeout 1s");
+    // Ruled out: waiting for the daemon's start delay instead of the 1s start timeout.
+    assert!(took < slow_start_delay(), "refusal took {took:?} with --start-timeout 1s");
     assert_clean(&slow, "after the start timeout").await;
 }
 
+/// fakekitd's start delay in the slow-start case: far beyond the 1 s start
+/// timeout even on a machine the time scale stretches.
+fn slow_start_delay() -> Duration {
+    scaled(Duration::from_secs(60))
+}
+
 fn agent_slow() -> AgentBuilder {
-    agent("core-slow-start", 2, "1s").arg("--start-timeout").arg("1s").daemon_arg("--start-delay=60000")
+    agent("core-slow-start", 2, "1s")
+        .arg("--start-timeout")
+        .arg("1s")
+        .daemon_arg(&format!("--start-delay={}", slow_start_delay().as_millis()))
 }
 
 fn rand_tag() -> String {

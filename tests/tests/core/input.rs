@@ -106,7 +106,7 @@ fn run_agent_config(name: &str, bad: &[&str]) -> (bool, String) {
         if let Some(st) = child.try_wait().unwrap() {
             break Some(st);
         }
-        if t0.elapsed() > Duration::from_secs(10) {
+        if t0.elapsed() > scaled(Duration::from_secs(10)) {
             let _ = child.kill();
             let _ = child.wait();
             break None;
@@ -124,7 +124,10 @@ fn run_agent_config(name: &str, bad: &[&str]) -> (bool, String) {
     eprintln!("berth-agent {bad:?}: exit {status:?}, stderr:\n{stderr}");
     match status {
         Some(st) => (st.success(), stderr),
-        None => panic!("berth-agent run {args:?} did not exit within 10s (accepted the bad config); stderr:\n{stderr}"),
+        None => panic!(
+            "berth-agent run {args:?} did not exit within {:?} (accepted the bad config); stderr:\n{stderr}",
+            scaled(Duration::from_secs(10))
+        ),
     }
 }
 

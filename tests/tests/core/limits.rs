@@ -85,7 +85,10 @@ async fn pids_limit_fails_only_that_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_end_leaves_nothing() {
-    let agent = agent("core-leak", 2, "1s").start_async().await;
+    let agent = agent("core-leak", 2, "1s")
+        .args(["--build-memory", "192Mi", "--build-cpus", "500m", "--build-pids", "300"])
+        .start_async()
+        .await;
     let mut c = fake_client(agent.socket()).await;
     let w = c
         .write_files(WriteFilesRequest { count: 20, size_bytes: 64 * 1024, subdir: "cache/layers".into() })
@@ -100,14 +103,7 @@ async fn idle_end_leaves_nothing() {
     let inst_dir = agent.state_dir().join("instances").join(&id);
 
     let cgroups = instance_cgroup_dirs(&r.cgroup, &id);
-    let ctrls: Vec<String> = cgroups
-        .iter()
-        .map(|d| d.strip_prefix("/sys/fs/cgroup").unwrap().components().next().unwrap())
-        .map(|c| c.as_os_str().to_string_lossy().into_owned())
-        .collect();
-    for want in ["memory", "pids", "cpu"] {
-        assert!(ctrls.iter().any(|c| c.split(',').any(|x| x == want)), "no {want} cgroup in {:?}", r.cgroup);
-    }
+    assert_limits(&cgroups, &r.cgroup);
     let mut host_pids = Vec::new();
     for d in &cgroups {
         assert!(d.is_dir(), "instance cgroup {} missing while alive", d.display());
@@ -139,4 +135,42 @@ async fn idle_end_leaves_nothing() {
             );
         }
     }
+}
+
+/// The limits of `idle_end_leaves_nothing`'s agent (192Mi, 500m, 300 pids)
+/// in the instance's cgroup files: on v1 one dir per controller hierarchy,
+/// on v2 the one unified dir with the controllers enabled and no swap.
+fn assert_limits(cgroups: &[PathBuf], proc_cgroup: &str) {
+    let read = |d: &Path, f: &str| {
+        fs::read_to_string(d.join(f)).unwrap_or_else(|e| panic!("{}: {e}", d.join(f).display())).trim().to_string()
+    };
+    let mem = (192u64 << 20).to_string();
+    if cgroup_v2() {
+        assert_eq!(cgroups.len(), 1, "not one v2 cgroup in {proc_cgroup:?}: {cgroups:?}");
+        let d = &cgroups[0];
+        let enabled = read(d, "cgroup.controllers");
+        for want in ["memory", "pids", "cpu"] {
+            assert!(enabled.split_whitespace().any(|c| c == want), "{want} not enabled in {}: {enabled}", d.display());
+        }
+        assert_eq!(read(d, "memory.max"), mem, "{}", d.display());
+        if d.join("memory.swap.max").exists() {
+            assert_eq!(read(d, "memory.swap.max"), "0", "{}", d.display());
+        }
+        assert_eq!(read(d, "cpu.max"), "50000 100000", "{}", d.display());
+        assert_eq!(read(d, "pids.max"), "300", "{}", d.display());
+        return;
+    }
+    let of = |want: &str| {
+        cgroups
+            .iter()
+            .find(|d| {
+                let h = d.strip_prefix("/sys/fs/cgroup").unwrap().components().next().unwrap();
+                h.as_os_str().to_string_lossy().split(',').any(|x| x == want)
+            })
+            .unwrap_or_else(|| panic!("no {want} cgroup in {proc_cgroup:?}"))
+    };
+    assert_eq!(read(of("memory"), "memory.limit_in_bytes"), mem);
+    assert_eq!(read(of("cpu"), "cpu.cfs_quota_us"), "50000");
+    assert_eq!(read(of("cpu"), "cpu.cfs_period_us"), "100000");
+    assert_eq!(read(of("pids"), "pids.max"), "300");
 }

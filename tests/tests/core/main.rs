@@ -1,12 +1,19 @@
 //! Core end-to-end suite (issue 2): the real `berth-agent`, `berth-shim`,
 //! `fakekitd` and `fakeclient` over real sockets, as root, with real
-//! namespaces and v1 cgroups. Every test runs its own [`Agent`] (its own temp
-//! dir, state dir, cgroup parent and id pool), so the tests run in parallel.
+//! namespaces and cgroups (v1 on this machine; v2 in the VM lane, where each
+//! test asserts the v2 files instead). Every test runs its own [`Agent`] (its
+//! own temp dir, state dir, cgroup parent and id pool), so the tests run in
+//! parallel. Every fixed wait, idle timeout and client timeout here goes
+//! through the harness's time scale (`scaled`): the VM lane runs these under
+//! software emulation, several times slower.
 //!
 //! Build the binaries first: `cargo build --workspace --bins`.
 
 use berth_tests::grpc::fake_client;
-use berth_tests::harness::{self, fakeclient, is_instance_end, run_json, Agent, AgentBuilder, ClientRun, LeakScope};
+use berth_tests::harness::{
+    self, fakeclient, is_instance_end, run_json, scaled, scaled_flag, scaled_secs, Agent, AgentBuilder, ClientRun,
+    LeakScope,
+};
 use berth_tests::proto::fake::{ForkRequest, PingReply, PingRequest, SymlinkRequest, WriteFilesRequest};
 use serde_json::Value;
 use std::fs;
@@ -17,7 +24,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Bound on one gRPC call through the agent (spawn + ready + call).
+/// Bound on one gRPC call through the agent (spawn + ready + call), before
+/// the time scale.
 const CALL: Duration = Duration::from_secs(20);
 /// Bound on waiting for an instance's end line.
 const END: Duration = Duration::from_secs(15);
@@ -26,14 +34,16 @@ const CLEAN: Duration = Duration::from_secs(15);
 
 /// An agent builder with the settings every test here wants: explicit slots,
 /// a short stop grace, and (for the uid tests) a socket other uids can use.
+/// `idle` is stretched by the time scale: a client's next call must find its
+/// instance still there however slow the machine.
 fn agent(name: &str, max_builds: u32, idle: &str) -> AgentBuilder {
     Agent::builder(name)
         .arg("--max-builds")
         .arg(max_builds.to_string())
         .arg("--idle-timeout")
-        .arg(idle)
+        .arg(scaled_flag(idle))
         .arg("--stop-grace")
-        .arg("500ms")
+        .arg(scaled_flag("500ms"))
         .arg("--socket-mode")
         .arg("0666")
 }
@@ -41,9 +51,9 @@ fn agent(name: &str, max_builds: u32, idle: &str) -> AgentBuilder {
 /// Fake.Ping on a fresh connection to `socket`.
 async fn try_ping(socket: &Path) -> Result<PingReply, tonic::Status> {
     let mut c = fake_client(socket).await;
-    match tokio::time::timeout(CALL, c.ping(PingRequest {})).await {
+    match tokio::time::timeout(scaled(CALL), c.ping(PingRequest {})).await {
         Ok(r) => r.map(|r| r.into_inner()),
-        Err(_) => panic!("Ping through {} did not return within {CALL:?}", socket.display()),
+        Err(_) => panic!("Ping through {} did not return within {:?}", socket.display(), scaled(CALL)),
     }
 }
 
@@ -71,7 +81,7 @@ fn instance_id_of_root(agent: &Agent, root: &str) -> String {
 /// with a client timeout.
 fn fc(agent: &Agent, uid: u32, args: &[&str]) -> Command {
     let mut c = fakeclient(agent.socket());
-    c.uid(uid).gid(uid).arg("--timeout").arg("30").args(args);
+    c.uid(uid).gid(uid).arg("--timeout").arg(scaled_secs(30)).args(args);
     c
 }
 
@@ -125,16 +135,29 @@ async fn assert_clean(agent: &Agent, what: &str) {
     );
 }
 
+/// Whether this host runs cgroup v2 only (the VM lane), where the tests
+/// assert the unified hierarchy's files instead of v1's.
+fn cgroup_v2() -> bool {
+    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+}
+
 /// Host dirs of the instance's cgroups, from the daemon's own `/proc/self/cgroup`
-/// (the instance shares the host's cgroup namespace): every line naming `berth-<id>`.
+/// (the instance shares the host's cgroup namespace): on v1 every line of a
+/// controller hierarchy naming `berth-<id>`, on v2 the one unified line
+/// (`0::/<parent>/berth-<id>`).
 fn instance_cgroup_dirs(cgroup: &str, id: &str) -> Vec<PathBuf> {
     let leaf = format!("berth-{id}");
+    let v2 = cgroup_v2();
     berth_shim::cgroup::parse_proc(cgroup)
         .into_iter()
-        .filter(|e| e.path.split('/').any(|c| c == leaf) && !e.controllers.is_empty())
+        .filter(|e| e.path.split('/').any(|c| c == leaf) && e.controllers.is_empty() == v2)
         .map(|e| {
-            let ctrl = e.controllers.trim_start_matches("name=");
-            Path::new("/sys/fs/cgroup").join(ctrl).join(e.path.trim_start_matches('/'))
+            let rel = e.path.trim_start_matches('/');
+            if v2 {
+                Path::new("/sys/fs/cgroup").join(rel)
+            } else {
+                Path::new("/sys/fs/cgroup").join(e.controllers.trim_start_matches("name=")).join(rel)
+            }
         })
         .collect()
 }

@@ -10,7 +10,7 @@ use super::*;
 /// and streaming; returns the client and the instance id.
 async fn start_long_stream(agent: &Agent) -> (std::process::Child, String) {
     let mut cmd = fakeclient(agent.socket());
-    cmd.args(["--timeout", "120", "stream", "1Gi", "64Ki", "20"])
+    cmd.args(["--timeout", &scaled_secs(120), "stream", "1Gi", "64Ki", "20"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -24,8 +24,10 @@ async fn start_long_stream(agent: &Agent) -> (std::process::Child, String) {
     (child, id)
 }
 
-/// Waits up to `limit` for the client to exit; returns its JSON output.
+/// Waits up to `limit` (stretched by the time scale) for the client to exit;
+/// returns its JSON output.
 async fn client_ends_within(mut child: std::process::Child, limit: Duration) -> Value {
+    let limit = scaled(limit);
     let t0 = Instant::now();
     loop {
         if let Some(_st) = child.try_wait().unwrap() {
@@ -92,7 +94,7 @@ async fn agent_and_shim_sigkill_then_restart_sweep_deletes_the_instance() {
     for &p in &shims {
         let t0 = Instant::now();
         while Path::new(&format!("/proc/{p}")).exists() && proc_argv(p).is_some_and(|a| a.contains("berth-shim")) {
-            assert!(t0.elapsed() < Duration::from_secs(30), "shim {p} survived SIGKILL");
+            assert!(t0.elapsed() < scaled(Duration::from_secs(30)), "shim {p} survived SIGKILL");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
