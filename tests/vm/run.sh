@@ -18,7 +18,7 @@ target=$(cd "$target" && pwd)
 cache=${BERTH_VM_CACHE:-/var/cache/berth-vm}
 mem=${BERTH_VM_MEMORY:-3072}
 cpus=${BERTH_VM_CPUS:-2}
-timeout=${BERTH_VM_TIMEOUT:-2400}
+timeout=${BERTH_VM_TIMEOUT:-3600}
 scale=1
 log() { echo "berth-vm: $*" >&2; }
 

@@ -187,11 +187,14 @@ impl Agent {
         }
     }
 
+    /// `timeout` is the unscaled wait; the message says how long it really was.
     pub(crate) fn not_ready(&self, timeout: Duration) -> String {
         format!(
-            "berth-agent (pid {:?}) socket {} did not accept connections within {timeout:?}; output:\n{}",
+            "berth-agent (pid {:?}) socket {} did not accept connections within {:?} ({timeout:?} x time scale {}); output:\n{}",
             self.pid(),
             self.socket.display(),
+            super::logs::scaled(timeout),
+            super::logs::time_scale(),
             self.log_tail(40)
         )
     }
