@@ -221,7 +221,7 @@ fn a_second_agent_with_another_state_dir_never_kills_the_firsts_instances() {
     }
     let _cleanup = Shared(shared.clone());
     // The first agent's instance must outlive the second agent's start.
-    let idle = scaled_flag("5s");
+    let idle = scaled_flag("10s");
     let first = agent("sweep-foreign-a", &["--cgroup-parent", &shared, "--idle-timeout", &idle]).start();
     let before = ping_as(first.socket(), 2501);
     assert!(before.get("error").is_none(), "{before}");

@@ -71,7 +71,8 @@ async fn instance_runs_in_its_own_namespaces_with_a_pool_range() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_get_two_instances_with_disjoint_ranges() {
-    let agent = agent("core-two-clients", 2, "3s").start_async().await;
+    // A's instance must stay while B's starts (~30 s under emulation).
+    let agent = agent("core-two-clients", 2, "8s").start_async().await;
     let a = fc_ok(&agent, 1000, &["ping"]).await;
     let b = fc_ok(&agent, 1001, &["ping"]).await;
     let ta = a["token"].as_str().unwrap().to_string();

@@ -8,7 +8,9 @@ use super::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_limit_kills_only_that_instance() {
-    let agent = agent("core-oom", 2, "3s").arg("--build-memory").arg("64Mi").start_async().await;
+    // A's instance must stay while B's starts (~30 s under emulation): an
+    // idle timeout well past one instance start, and below END for B's end.
+    let agent = agent("core-oom", 2, "8s").arg("--build-memory").arg("64Mi").start_async().await;
     let a = fc_ok(&agent, 1000, &["ping"]).await;
     let b = fc_ok(&agent, 1001, &["ping"]).await;
     let ia = instance_id_of_root(&agent, a["root"].as_str().unwrap());
