@@ -287,6 +287,36 @@ async fn a_pod_with_its_own_network_keeps_its_instance_while_connected_idle() {
     assert!(leaks.is_empty(), "{leaks:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_is_refused_on_its_socket_before_any_instance_exists() {
+    let agent = builder("handoff-refuse", &["--idle-timeout", "30s", "--max-builds", "1", "--queue-size", "0"])
+        .start_async()
+        .await;
+    let busy = publish(&agent, "hv-busy", "pod-busy").await;
+    let refused = publish(&agent, "hv-refused", "pod-refused").await;
+    let mut holder = fake_client(&busy).await;
+    holder.ping(PingRequest {}).await.unwrap();
+    // The only slot is taken and nothing may queue: the agent accepts the
+    // second pod's connection and answers it with the refusal.
+    let e = fake_client(&refused).await.ping(PingRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("1/1 builds running") && e.message().contains("queue full"), "{}", e.message());
+    assert!(
+        !agent
+            .logs()
+            .iter()
+            .any(|v| v["message"] == "pod's socket handed to its instance" && v.to_string().contains("pod-refused")),
+        "no instance for the refused pod"
+    );
+    // The agent keeps watching: once the slot is free, the same socket serves.
+    drop(holder);
+    unpublish(&agent, "hv-busy", "pod-busy").await;
+    fake_client(&refused).await.ping(PingRequest {}).await.expect("served once a slot is free");
+    unpublish(&agent, "hv-refused", "pod-refused").await;
+    let leaks = agent.wait_clean_async(WAIT).await;
+    assert!(leaks.is_empty(), "{leaks:?}");
+}
+
 /// The warm pool never serves a pod socket (a running daemon cannot take a
 /// listener), but its unclaimed instances hold slots: with every slot warm,
 /// a pod's connection takes the slot of one of them, which ends, instead of
