@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const VOLUME: &str = "bench-pod-volume";
-const POD: &str = "bench-pod";
+const VOLUME: &str = "v";
+const POD: &str = "p";
 
 async fn node(csi: &Path) -> Result<NodeClient<tonic::transport::Channel>> {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -38,7 +38,7 @@ async fn node(csi: &Path) -> Result<NodeClient<tonic::transport::Channel>> {
 
 pub async fn run(ctx: &Ctx) -> Result<Figure> {
     let plan = &ctx.plan;
-    let (tmp, _tmp_g) = env::temp_dir("berth-bench-pod-")?;
+    let (tmp, _tmp_g) = env::temp_dir("bbp-")?;
     let csi = tmp.join("csi.sock");
     let kubelet = tmp.join("kubelet");
     let run_dir = tmp.join("run");
