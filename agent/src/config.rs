@@ -328,10 +328,9 @@ pub struct RunArgs {
     /// What shares an instance.
     #[arg(long, env = "BERTH_SCOPE", value_enum, default_value_t = Scope::Client)]
     pub scope: Scope,
-    /// How a CSI pod's socket reaches its daemon (issue 15). `handoff` counts the
-    /// daemon's connections in the agent's network namespace only: see
-    /// docs/troubleshooting.md before using it for pods with their own network.
-    #[arg(long, env = "BERTH_POD_SOCKETS", value_enum, default_value_t = PodSockets::Proxy)]
+    /// How a CSI pod's socket reaches its daemon (issue 15): `handoff` (the
+    /// daemon accepts the pod's connections itself) or `proxy` (through the agent).
+    #[arg(long, env = "BERTH_POD_SOCKETS", value_enum, default_value_t = PodSockets::Handoff)]
     pub pod_sockets: PodSockets,
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -14,11 +14,27 @@
 //! probes as before.
 //!
 //! Idle reaping counts the daemon's connections on the listener with
-//! sock_diag (see [`diag`]) and feeds the count to the instance's
-//! connection count, which the reaper watches as for proxied connections.
-//! When the instance is wiped the agent watches the listener again.
+//! sock_diag (see [`diag`]), in the agent's network namespace and in the
+//! pod's own, where the kernel puts a pod's accepted connections (see
+//! [`netns`]), and feeds the count to the instance's connection count, which
+//! the reaper watches as for proxied connections. When the instance is
+//! wiped the agent watches the listener again.
+//!
+//! The warm pool does not serve pod sockets (docs/compatibility.md, "Warm
+//! pool and pod sockets"): a daemon takes its activation fds only at start,
+//! so a warm one would have to be started on a listener of its own and
+//! that listener moved onto the pod's path at claim (rename(2) does that
+//! atomically). But the claim happens at the pod's first connection, which
+//! is then already queued on the pod's own listener, and a queued connection
+//! cannot move to another listener: the agent would have to accept it and
+//! proxy it for its whole life, and for `buildctl build` that one connection
+//! is the whole build. Claiming at NodePublishVolume instead (before any
+//! connection) would hold a slot from volume setup until the pod's first
+//! build, with no way to tell "not connected yet" from "done" for the idle
+//! timeout. So a pod's instance always starts here, with the pod's listener.
 
 pub mod diag;
+pub mod netns;
 
 use crate::client::Client;
 use crate::error::AdmitError;
@@ -27,6 +43,7 @@ use crate::phase::Phase;
 use crate::registry::Attach;
 use crate::Ctx;
 use diag::SocketFile;
+use netns::Counter;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -156,6 +173,14 @@ async fn admit(
         return Err(e);
     }
     crate::disk::admit(ctx)?;
+    // The warm pool never serves a pod socket (see above), but its unclaimed
+    // instances hold slots: one gives its slot up when none is free.
+    if ctx.slots.available_permits() == 0 {
+        if let Some(warm) = ctx.registry.retire_one_warm() {
+            info!(instance = %warm.id, client = %client.display, "an unclaimed warm instance ends to free a slot for a pod socket");
+            warm.stop.send_replace(true);
+        }
+    }
     // A client that gives up while queued cannot be seen without accepting:
     // its connection stays in the backlog and the queue timeout bounds it.
     let permit = crate::admit::wait_slot_with(ctx, client, || async { false }).await?;
@@ -171,7 +196,8 @@ async fn admit(
             // backlog until the first count replaces it.
             crate::life::launch(ctx.clone(), inst.clone(), permit);
             let span = tracing::info_span!(parent: None, "handoff", instance = %inst.id);
-            tokio::spawn(count_conns(inst.clone(), file).instrument(span));
+            let proc_root = ctx.run.host.proc_root.clone();
+            tokio::spawn(count_conns(inst.clone(), fd.clone(), file, proc_root).instrument(span));
             info!(instance = %inst.id, client = %client.display, "pod's socket handed to its instance");
             Ok(inst)
         }
@@ -187,28 +213,57 @@ async fn admit(
 
 /// Keeps the instance's connection count at what the daemon holds on the
 /// pod's listener, from readiness to the end; the reaper does the rest.
-async fn count_conns(inst: Arc<Instance>, file: SocketFile) {
+async fn count_conns(inst: Arc<Instance>, fd: Arc<OwnedFd>, file: SocketFile, proc_root: PathBuf) {
     let mut phase = inst.phase.subscribe();
     if phase.wait_for(|p| !matches!(p, Phase::Starting)).await.is_err() {
         return;
     }
+    let mut counter: Option<Counter> = None;
     let mut last_err = None;
+    let mut namespaces = 0;
     loop {
         if inst.phase.borrow().is_over() {
             return;
         }
-        match tokio::task::spawn_blocking(move || diag::count(file)).await {
-            Ok(Ok(n)) => {
+        let (dir, fd2, root) = (inst.dir.clone(), fd.clone(), proc_root.clone());
+        let kept = counter.take();
+        let counted = tokio::task::spawn_blocking(move || {
+            let mut c = match kept {
+                Some(c) => c,
+                None => match Counter::new(fd2.as_fd(), file, &dir, &root) {
+                    Ok(c) => c,
+                    Err(e) => return (None, Err(e)),
+                },
+            };
+            let n = c.count();
+            (Some(c), n)
+        })
+        .await;
+        match counted {
+            Ok((c, Ok(n))) => {
+                counter = c;
                 last_err = None;
+                let found = counter.as_ref().map_or(0, Counter::foreign_namespaces);
+                if found > namespaces {
+                    info!(instance = %inst.id, namespaces = found, "pod's connections counted in its own network namespace");
+                }
+                namespaces = found;
                 inst.conns.send_if_modified(|c| std::mem::replace(c, n) != n);
             }
-            Ok(Err(e)) => {
-                // Counting fails: keep the last count (never reap a build
-                // because the kernel would not answer).
+            Ok((c, Err(e))) => {
+                counter = c;
+                // Counting fails: the instance counts as in use (never reap
+                // a build because the kernel would not answer); unpublish
+                // still ends it.
                 if last_err.as_ref().map(|s: &String| s != &e.to_string()).unwrap_or(true) {
-                    warn!(instance = %inst.id, error = %e, "cannot count the pod's connections (sock_diag)");
+                    warn!(instance = %inst.id, error = %e, "cannot count the pod's connections (sock_diag); the instance is kept until its pod's volume is unpublished");
                 }
                 last_err = Some(e.to_string());
+                inst.conns.send_if_modified(|c| {
+                    let idle = *c == 0;
+                    *c = (*c).max(1);
+                    idle
+                });
             }
             Err(e) => warn!(error = %e, "count task failed"),
         }

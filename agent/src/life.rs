@@ -114,7 +114,11 @@ async fn wait_claim(ctx: &Arc<Ctx>, inst: &Arc<Instance>, shim: &mut Shim) -> Op
     // bkconfig: a reloaded --buildkitd-config retires the unclaimed warm
     // instances (started with the old one; the pool refills with the new).
     let mut bkconfig = ctx.bkconfig.subscribe();
+    // Retired for its slot (handoff: a pod socket found no free slot); it is
+    // out of the pool already.
+    let mut stop = inst.stop.subscribe();
     let cause = tokio::select! {
+        _ = stop.wait_for(|s| *s) => return Some(EndCause::Idle),
         _ = async { let _ = phase.wait_for(|p| !matches!(p, Phase::WarmIdle)).await.map(|_| ()); } => return None,
         _ = crate::raised(&mut draining) => EndCause::Drain,
         _ = shim.ended() => EndCause::DaemonExited,

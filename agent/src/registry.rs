@@ -147,6 +147,19 @@ impl Registry {
         true
     }
 
+    /// Takes the newest unclaimed warm instance out of the pool for good, so
+    /// that it ends and its slot goes to a client the pool cannot serve (a
+    /// pod socket handed to its daemon). The caller ends it (`stop`).
+    pub fn retire_one_warm(&self) -> Option<Arc<Instance>> {
+        let mut inner = self.lock();
+        while let Some(inst) = inner.warm.pop_back() {
+            if !inst.phase.borrow().is_over() && inst.retire() {
+                return Some(inst);
+            }
+        }
+        None
+    }
+
     /// Records a start failure for the backoff; forgets stale ones.
     pub fn note_failure(&self, client: &Client, e: &AdmitError) {
         let backoff = self.failure_backoff;

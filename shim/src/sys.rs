@@ -2,7 +2,7 @@
 //! with the reason it is sound. Everything else goes through `nix`, which
 //! wraps the calls safely; this module covers what nix lacks or marks unsafe
 //! (clone, sigaction, close_range, closing a raw fd in a cloned child, the
-//! loop device ioctls).
+//! loop device ioctls, pidfd_open/pidfd_getfd and SIOCGSKNS).
 //!
 //! All of these assume the process is single-threaded when they matter
 //! (clone): the shim checks that with [`thread_count`] before cloning.
@@ -179,6 +179,53 @@ pub fn pidfd_namespace(pidfd: BorrowedFd<'_>, ns: PidfdNs) -> Result<OwnedFd, Er
     // SAFETY: `pidfd` is a valid open descriptor for the duration of the
     // call; these ioctls take no argument and return a new descriptor.
     let fd = unsafe { libc::ioctl(pidfd.as_raw_fd(), request as _, 0) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A pidfd for host pid `pid` (pidfd_open(2), Linux 5.3): it stays bound to
+/// that process even if the number is reused. nix has no wrapper.
+pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
+    // SAFETY: pidfd_open takes the pid and flags by value, touches no memory
+    // of ours, and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0 as libc::c_uint) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// A duplicate, in this process, of descriptor `fd` of the process behind
+/// `pidfd` (pidfd_getfd(2), Linux 5.6; close-on-exec). Needs ptrace access
+/// to that process (CAP_SYS_PTRACE for the agent). nix has no wrapper.
+pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, fd: RawFd) -> Result<OwnedFd, Errno> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: all three arguments are plain integers; the call touches no
+    // memory of ours and returns a new descriptor or -1.
+    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0 as libc::c_uint) };
+    if got < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(got as RawFd) })
+}
+
+/// `SIOCGSKNS` (linux/sockios.h, Linux 4.9): the network namespace of a socket.
+const SIOCGSKNS: libc::c_ulong = 0x894C;
+
+/// Opens the network namespace a socket belongs to (SIOCGSKNS). For an
+/// accepted unix socket that is the namespace of the process that
+/// connected, not of the one that accepted. Needs CAP_NET_ADMIN over that
+/// namespace. nix has no wrapper.
+pub fn socket_netns(sock: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `sock` is a valid open descriptor for the duration of the
+    // call; SIOCGSKNS takes no argument and returns a new descriptor.
+    let fd = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGSKNS as _, 0) };
     if fd < 0 {
         return Err(Errno::last());
     }

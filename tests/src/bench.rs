@@ -20,6 +20,7 @@ pub mod disk;
 pub mod flood;
 pub mod footprint;
 pub mod network;
+pub mod podsock;
 pub mod proxy;
 pub mod report;
 pub mod sockdiag;
@@ -48,7 +49,7 @@ struct Cli {
     /// Few iterations and small sizes: proves every figure works, measures nothing.
     #[arg(long)]
     quick: bool,
-    /// only these figures (comma-separated: start,throughput,wipe,footprint,concurrency,warm,disk,network,flood,sockdiag).
+    /// only these figures (comma-separated: start,throughput,wipe,footprint,concurrency,warm,disk,network,flood,sockdiag,podsock).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Also write the rows, per-figure details and machine facts as JSON here.
@@ -157,8 +158,19 @@ pub struct Figure {
     pub details: Value,
 }
 
-pub const FIGURES: [&str; 10] =
-    ["start", "throughput", "wipe", "footprint", "concurrency", "warm", "disk", "network", "flood", "sockdiag"];
+pub const FIGURES: [&str; 11] = [
+    "start",
+    "throughput",
+    "wipe",
+    "footprint",
+    "concurrency",
+    "warm",
+    "disk",
+    "network",
+    "flood",
+    "sockdiag",
+    "podsock",
+];
 
 async fn run_figure(name: &str, ctx: &Ctx) -> Result<Figure> {
     match name {
@@ -172,6 +184,7 @@ async fn run_figure(name: &str, ctx: &Ctx) -> Result<Figure> {
         "network" => network::run(ctx).await,
         "flood" => flood::run(ctx).await,
         "sockdiag" => sockdiag::run(ctx).await,
+        "podsock" => podsock::run(ctx).await,
         other => anyhow::bail!("unknown figure {other}"),
     }
 }

@@ -10,6 +10,7 @@
 //! - [`kubelet`]: kubelet's side: its plugin watcher and CSI requests, played by the CSI suites.
 //! - [`fuzz`]: the bodies of the fuzz targets in `<workspace>/fuzz`, replayed over
 //!   the committed corpus by `tests/fuzz_corpus.rs`.
+//! - [`podnet`]: a thread in a network namespace of its own, as a pod's client is.
 //! - [`registry`]: a real registry (Debian's `docker-registry`) in a test's own network namespace.
 //! - [`harness`]: drives the real `berth-agent`, `berth-shim`, `fakekitd` and
 //!   `fakeclient` binaries for the end-to-end suites in `tests/`.
@@ -26,6 +27,7 @@ pub mod harness;
 pub mod kubelet;
 pub mod netfix;
 pub mod pattern;
+pub mod podnet;
 pub mod registry;
 
 /// Generated code. `berth.fake.v1` is compiled here; BuildKit's Control

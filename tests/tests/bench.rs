@@ -8,7 +8,7 @@ use berth_tests::harness::bin_path;
 use serde_json::Value;
 use std::process::Command;
 
-const FIGURES: [&str; 10] = [
+const FIGURES: [&str; 11] = [
     "1 start",
     "2 throughput",
     "3 wipe",
@@ -19,6 +19,7 @@ const FIGURES: [&str; 10] = [
     "8 network",
     "9 flood",
     "10 sockdiag",
+    "11 podsock",
 ];
 
 /// The table's data rows as cells (`| a | b | ... |`), header and rule excluded.

@@ -9,6 +9,7 @@ use berth_agent::proto::csi_v1::{NodePublishVolumeRequest, NodeUnpublishVolumeRe
 use berth_tests::harness::{is_instance_end, Agent, AgentBuilder};
 use berth_tests::kubelet::{mount_cap, pod_ctx};
 use berth_tests::pattern::{self, Checksum};
+use berth_tests::podnet::{self, PodNet};
 use berth_tests::proto::fake::{EchoMessage, PingRequest};
 use berth_tests::{fake_client, try_channel};
 use std::collections::HashSet;
@@ -179,6 +180,113 @@ async fn an_fd_passed_instance_is_reaped_when_its_connections_are_gone() {
     assert!(leaks.is_empty(), "{leaks:?}");
 }
 
+/// What the pod's client does next (on the pod's thread).
+enum Step {
+    Ping,
+    Close,
+    Look,
+}
+
+/// What the pod sees after a step: Ping's token, the unix sockets named as
+/// the pod's socket and the netlink sockets, both in the POD's namespace.
+type Seen = (Option<String>, HashSet<u64>, HashSet<u64>);
+
+async fn step(tx: &tokio::sync::mpsc::Sender<Step>, rx: &mut tokio::sync::mpsc::Receiver<Seen>, s: Step) -> Seen {
+    tx.send(s).await.unwrap();
+    tokio::time::timeout(WAIT, rx.recv()).await.expect("the pod's step").expect("the pod's client runs")
+}
+
+/// The pod's client in a network namespace of its own, as a CI pod without
+/// `hostNetwork` is: the kernel puts the daemon's accepted end of each of
+/// its connections in the POD's namespace, out of the agent's sock_diag
+/// dump. Connected and idle for several idle timeouts, the instance lives;
+/// once the pod closes, it is reaped. The agent holds none of the pod's
+/// connections meanwhile, and nothing in the pod's namespace afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_with_its_own_network_keeps_its_instance_while_connected_idle() {
+    let agent = builder("handoff-podnet", &["--idle-timeout", "1s"]).start_async().await;
+    let sock = publish(&agent, "hv-podnet", "pod-podnet").await;
+    let bound = agent.dir().join("run/pods/hv-podnet/buildkitd.sock");
+    let pod = PodNet::new();
+    let (step_tx, mut step_rx) = tokio::sync::mpsc::channel::<Step>(1);
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::channel::<Seen>(1);
+    let (s, b) = (sock.clone(), bound.clone());
+    let done = pod.spawn(move || async move {
+        let mut client = Some(fake_client(&s).await);
+        while let Some(next) = step_rx.recv().await {
+            let token = match next {
+                Step::Ping => {
+                    let c = client.as_mut().expect("open");
+                    Some(c.ping(PingRequest {}).await.expect("ping from the pod").into_inner().token)
+                }
+                Step::Close => {
+                    client = None;
+                    None
+                }
+                Step::Look => None,
+            };
+            let seen = (token, podnet::socket_inodes_named(&b), podnet::netlink_inodes());
+            seen_tx.send(seen).await.unwrap();
+        }
+    });
+    let (first, in_pod, _) = step(&step_tx, &mut seen_rx, Step::Ping).await;
+    let ready = agent
+        .wait_log(
+            |v| v["message"] == "pod's socket handed to its instance" && v.to_string().contains("pod-podnet"),
+            WAIT,
+        )
+        .expect("the pod's socket was handed to its instance");
+    let id = ready["instance"].as_str().unwrap().to_string();
+
+    // The daemon's ends of the pod's connections are in the pod's namespace,
+    // not in the agent's (where the listener is): the case under test.
+    let in_agent_ns = socket_inodes_named(&bound);
+    assert!(!in_pod.is_empty(), "the daemon's end of the pod's connection, in the pod's namespace {}", pod.netns);
+    assert!(in_pod.is_disjoint(&in_agent_ns), "pod's {in_pod:?} vs agent's namespace {in_agent_ns:?}");
+    agent
+        .wait_log(
+            |v| {
+                v["message"] == "pod's connections counted in its own network namespace" && v["instance"] == id.as_str()
+            },
+            WAIT,
+        )
+        .expect("the count found the pod's namespace");
+    // Idle but connected for four idle timeouts: the instance lives.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        !agent.instance_ends().iter().any(|v| v["instance"] == id.as_str()),
+        "reaped while the pod held a connection: {:?}",
+        agent.instance_ends()
+    );
+    let agent_fds = socket_inodes_of(agent.agent_pid().unwrap());
+    let daemon_fds = socket_inodes_of(daemon_pid(&agent, &id));
+    assert!(agent_fds.is_disjoint(&in_pod), "the agent holds a pod connection: {agent_fds:?} vs {in_pod:?}");
+    assert!(in_pod.is_subset(&daemon_fds), "the daemon holds the pod's connections: {in_pod:?} of {daemon_fds:?}");
+    let (again, _, netlink) = step(&step_tx, &mut seen_rx, Step::Ping).await;
+    assert_eq!(again, first, "the same instance answers after the idle hold");
+    // The agent counts from inside the pod's namespace: a sock_diag socket.
+    assert!(!agent_fds.is_disjoint(&netlink), "the agent's sock_diag socket in the pod's namespace");
+
+    // The pod closes: reaped as idle, and the agent lets go of the namespace.
+    step(&step_tx, &mut seen_rx, Step::Close).await;
+    let end = agent.wait_log(|v| is_instance_end(v) && v["instance"] == id.as_str(), WAIT).expect("reaped when idle");
+    assert_eq!(end["reason"], "idle");
+    let every = Duration::from_millis(50);
+    let (_, _, netlink) = step(&step_tx, &mut seen_rx, Step::Look).await;
+    let held = |netlink: &HashSet<u64>| {
+        socket_inodes_of(agent.agent_pid().unwrap()).intersection(netlink).copied().collect::<Vec<_>>()
+    };
+    // The count task ends with the instance's phase: give it a moment.
+    berth_tests::harness::poll_async(WAIT, every, || held(&netlink).is_empty().then_some(())).await;
+    assert!(held(&netlink).is_empty(), "the agent still holds a socket in the pod's namespace: {:?}", held(&netlink));
+    drop(step_tx);
+    tokio::time::timeout(WAIT, done).await.expect("the pod's client ended").unwrap();
+    drop(pod);
+    unpublish(&agent, "hv-podnet", "pod-podnet").await;
+    let leaks = agent.wait_clean_async(WAIT).await;
+    assert!(leaks.is_empty(), "{leaks:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_is_refused_on_its_socket_before_any_instance_exists() {
     let agent = builder("handoff-refuse", &["--idle-timeout", "30s", "--max-builds", "1", "--queue-size", "0"])
@@ -205,6 +313,40 @@ async fn a_pod_is_refused_on_its_socket_before_any_instance_exists() {
     unpublish(&agent, "hv-busy", "pod-busy").await;
     fake_client(&refused).await.ping(PingRequest {}).await.expect("served once a slot is free");
     unpublish(&agent, "hv-refused", "pod-refused").await;
+    let leaks = agent.wait_clean_async(WAIT).await;
+    assert!(leaks.is_empty(), "{leaks:?}");
+}
+
+/// The warm pool never serves a pod socket (a running daemon cannot take a
+/// listener), but its unclaimed instances hold slots: with every slot warm,
+/// a pod's connection takes the slot of one of them, which ends, instead of
+/// waiting for a slot that never frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_socket_takes_the_slot_of_an_unclaimed_warm_instance() {
+    let agent =
+        builder("handoff-warm", &["--idle-timeout", "30s", "--max-builds", "1", "--warm", "1"]).start_async().await;
+    agent
+        .wait_log(|v| v["message"] == "instance ready" && v["warm"] == true, WAIT)
+        .expect("the warm instance is ready");
+    let sock = publish(&agent, "hv-warm", "pod-warm").await;
+    let reply = tokio::time::timeout(WAIT, async { fake_client(&sock).await.ping(PingRequest {}).await })
+        .await
+        .expect("served, not queued for a slot that never frees")
+        .expect("ping")
+        .into_inner();
+    let retired = agent
+        .wait_log(|v| v["message"] == "an unclaimed warm instance ends to free a slot for a pod socket", WAIT)
+        .expect("the warm instance gave its slot up");
+    let warm_id = retired["instance"].as_str().unwrap().to_string();
+    assert!(!reply.root.contains(&warm_id), "the pod got an instance of its own, not {warm_id}: {}", reply.root);
+    assert!(reply.addrs.iter().any(|a| a == "fd://"), "handed the pod's socket: {:?}", reply.addrs);
+    let end =
+        agent.wait_log(|v| is_instance_end(v) && v["instance"] == warm_id.as_str(), WAIT).expect("warm one ended");
+    assert_eq!(end["reason"], "idle");
+    assert!(!agent.logs().iter().any(|v| v["message"] == "claimed a warm instance"), "nothing claimed it");
+    unpublish(&agent, "hv-warm", "pod-warm").await;
+    agent.sigterm();
+    agent.wait_exit_async(WAIT).await.expect("agent exits");
     let leaks = agent.wait_clean_async(WAIT).await;
     assert!(leaks.is_empty(), "{leaks:?}");
 }

@@ -14,7 +14,8 @@
 //! The kernel puts an accepted socket in the CONNECTING side's network
 //! namespace: a client in a pod with a network namespace of its own has its
 //! accepted connections there, out of this dump (its waiting ones are still
-//! seen on the listener). See docs/troubleshooting.md.
+//! seen on the listener): [`super::netns`] finds that namespace and counts
+//! there too.
 //!
 //! Hand-written only where the crates stop: netlink-packet-sock-diag keeps
 //! `Vfs`'s fields private, so the attribute is read back from its own
@@ -53,9 +54,21 @@ impl SocketFile {
 /// accepted connections and those waiting in the listener's backlog.
 /// Blocking (one netlink round trip per ~16 KiB of answers).
 pub fn count(file: SocketFile) -> io::Result<usize> {
+    count_on(&mut socket()?, file)
+}
+
+/// A NETLINK_SOCK_DIAG socket. It asks the network namespace the calling
+/// thread is in when it is created, for its whole life (see `netns`).
+pub fn socket() -> io::Result<Socket> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
+    Ok(socket)
+}
+
+/// [`count`] through `socket`, in the namespace it was created in. One dump
+/// at a time per socket (the caller holds it mutably).
+pub fn count_on(socket: &mut Socket, file: SocketFile) -> io::Result<usize> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     let request = UnixRequest {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 /// One Echo of `total` bytes in `chunk`-sized messages on a fresh
 /// connection to `socket`; returns the elapsed seconds. Every 64th message
 /// coming back is compared with what was sent, and the byte count must match.
-async fn echo(socket: &Path, total: u64, chunk: &Arc<Vec<u8>>) -> Result<f64> {
+pub(crate) async fn echo(socket: &Path, total: u64, chunk: &Arc<Vec<u8>>) -> Result<f64> {
     let conn = Conn::open(socket).await?;
     let size = chunk.len() as u64;
     let n = total.div_ceil(size);
@@ -95,7 +95,7 @@ async fn download(socket: &Path, total: u64, chunk: usize) -> Result<f64> {
     Ok(secs)
 }
 
-fn daemon_pid(agent: &BenchAgent, id: &str) -> Option<u32> {
+pub(crate) fn daemon_pid(agent: &BenchAgent, id: &str) -> Option<u32> {
     std::fs::read_to_string(agent.state_dir.join("instances").join(id).join("daemon.pid"))
         .ok()?
         .split_whitespace()
