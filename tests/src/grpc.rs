@@ -81,3 +81,35 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 pub fn code_name(code: tonic::Code) -> String {
     format!("{code:?}")
 }
+
+/// A gRPC call on a raw h2 connection, as `raw_fake_call` leaves it: the
+/// response still to come, the request's (finished) send side, the
+/// connection's client handle and its driver task. Kept raw so a test sees
+/// what a grpc-go client sees of the connection, GOAWAY debug data included.
+pub type RawCall = (
+    h2::client::ResponseFuture,
+    h2::SendStream<bytes::Bytes>,
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+);
+
+/// Calls `berth.fake.v1.Fake/<method>` with the encoded message `msg` on a
+/// fresh raw h2 connection to `socket`; the body (one length-prefixed
+/// message) is sent whole.
+pub async fn raw_fake_call(socket: &Path, method: &str, msg: &[u8]) -> RawCall {
+    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let (client, conn) = h2::client::handshake(stream).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    body.extend_from_slice(msg);
+    let req = http::Request::post(format!("http://berth/berth.fake.v1.Fake/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (resp, mut send) = client.send_request(req, false).unwrap();
+    send.send_data(bytes::Bytes::from(body), true).unwrap();
+    (resp, send, client, conn)
+}

@@ -90,7 +90,7 @@ impl Drop for PodNet {
 pub fn socket_inodes_named(path: &std::path::Path) -> std::collections::HashSet<u64> {
     let name = path.display().to_string();
     std::fs::read_to_string("/proc/thread-self/net/unix")
-        .unwrap_or_default()
+        .expect("read /proc/thread-self/net/unix")
         .lines()
         .skip(1)
         .filter_map(|l| {

@@ -191,21 +191,8 @@ async fn a_write_past_the_limit_fails_inside_and_the_node_keeps_its_space() {
 /// sees of the connection, the GOAWAY debug data (berth's note) included.
 async fn exit_on_raw_h2(socket: &Path, code: i32) -> String {
     use prost::Message;
-    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
-    let (client, conn) = h2::client::handshake(stream).await.unwrap();
-    let conn = tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
     let msg = berth_tests::proto::fake::ExitRequest { code, message: "no space left on device".into() }.encode_to_vec();
-    let mut body = vec![0u8];
-    body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    body.extend_from_slice(&msg);
-    let req = http::Request::post("http://berth/berth.fake.v1.Fake/Exit")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let (resp, mut send) = client.send_request(req, false).unwrap();
-    send.send_data(bytes::Bytes::from(body), true).unwrap();
+    let (resp, send, client, conn) = berth_tests::grpc::raw_fake_call(socket, "Exit", &msg).await;
     let call = tokio::time::timeout(WAIT, resp).await.expect("call hangs");
     drop((send, client));
     let end = tokio::time::timeout(WAIT, conn).await.expect("connection hangs").unwrap();

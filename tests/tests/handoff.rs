@@ -13,7 +13,7 @@ use berth_tests::podnet::{self, PodNet};
 use berth_tests::proto::fake::{EchoMessage, PingRequest};
 use berth_tests::{fake_client, try_channel};
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -61,21 +61,6 @@ async fn node(agent: &Agent) -> NodeClient<tonic::transport::Channel> {
     }
 }
 
-/// Inodes of the unix sockets in this network namespace bound (or accepted)
-/// under `path`, from /proc/net/unix.
-fn socket_inodes_named(path: &Path) -> HashSet<u64> {
-    let name = path.display().to_string();
-    std::fs::read_to_string("/proc/net/unix")
-        .unwrap()
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 8 && f[7] == name).then(|| f[6].parse().ok()).flatten()
-        })
-        .collect()
-}
-
 /// Socket inodes a process holds, from /proc/<pid>/fd.
 fn socket_inodes_of(pid: u32) -> HashSet<u64> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -119,7 +104,7 @@ async fn pod_connections_reach_the_daemon_with_no_descriptor_in_the_agent() {
         .expect("the pod's socket was handed to its instance");
     let id = ready["instance"].as_str().unwrap().to_string();
 
-    let named = socket_inodes_named(&bound);
+    let named = podnet::socket_inodes_named(&bound);
     let in_agent: HashSet<u64> = socket_inodes_of(agent.agent_pid().unwrap()).intersection(&named).copied().collect();
     let in_daemon: HashSet<u64> = socket_inodes_of(daemon_pid(&agent, &id)).intersection(&named).copied().collect();
     // The listener (in both) plus at least the transfer's connection (and
@@ -240,7 +225,7 @@ async fn a_pod_with_its_own_network_keeps_its_instance_while_connected_idle() {
 
     // The daemon's ends of the pod's connections are in the pod's namespace,
     // not in the agent's (where the listener is): the case under test.
-    let in_agent_ns = socket_inodes_named(&bound);
+    let in_agent_ns = podnet::socket_inodes_named(&bound);
     assert!(!in_pod.is_empty(), "the daemon's end of the pod's connection, in the pod's namespace {}", pod.netns);
     assert!(in_pod.is_disjoint(&in_agent_ns), "pod's {in_pod:?} vs agent's namespace {in_agent_ns:?}");
     agent

@@ -7,37 +7,16 @@
 //! Runs on this machine's cgroup v1 and in the cgroup v2 VM lane; every
 //! fixed wait and idle timeout goes through the time scale (`scaled`).
 
+use berth_tests::grpc::{raw_fake_call, RawCall};
 use berth_tests::harness::{scaled, scaled_flag, scaled_secs, Agent};
 use berth_tests::proto::fake::AllocRequest;
 use prost::Message;
 use std::time::Duration;
 
-type Call = (
-    h2::client::ResponseFuture,
-    h2::SendStream<bytes::Bytes>,
-    h2::client::SendRequest<bytes::Bytes>,
-    tokio::task::JoinHandle<Result<(), h2::Error>>,
-);
-
 /// Fake.Alloc as a gRPC call on a raw h2 connection: what a grpc-go client
 /// sees of the connection, GOAWAY included.
-async fn alloc_call(socket: &std::path::Path, bytes: u64) -> Call {
-    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
-    let (client, conn) = h2::client::handshake(stream).await.unwrap();
-    let conn = tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
-    let msg = AllocRequest { bytes }.encode_to_vec();
-    let mut body = vec![0u8];
-    body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    body.extend_from_slice(&msg);
-    let req = http::Request::post("http://berth/berth.fake.v1.Fake/Alloc")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let (resp, mut send) = client.send_request(req, false).unwrap();
-    send.send_data(bytes::Bytes::from(body), true).unwrap();
-    (resp, send, client, conn)
+async fn alloc_call(socket: &std::path::Path, bytes: u64) -> RawCall {
+    raw_fake_call(socket, "Alloc", &AllocRequest { bytes }.encode_to_vec()).await
 }
 
 async fn alloc_on_raw_h2(socket: &std::path::Path, bytes: u64) -> String {

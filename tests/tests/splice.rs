@@ -88,20 +88,7 @@ async fn h2_call(
     tokio::task::JoinHandle<Result<(), h2::Error>>,
     h2::client::SendRequest<bytes::Bytes>,
 ) {
-    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
-    let (client, conn) = h2::client::handshake(stream).await.unwrap();
-    let conn = tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
-    let mut body = vec![0u8];
-    body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    body.extend_from_slice(&msg);
-    let req = http::Request::post(format!("http://berth/berth.fake.v1.Fake/{method}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let (resp, mut send) = client.send_request(req, false).unwrap();
-    send.send_data(bytes::Bytes::from(body), true).unwrap();
+    let (resp, _send, client, conn) = berth_tests::grpc::raw_fake_call(socket, method, &msg).await;
     let resp = tokio::time::timeout(Duration::from_secs(30), resp).await.expect("no response");
     (resp.map(|r| r.into_body()), conn, client)
 }
