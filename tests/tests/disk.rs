@@ -376,8 +376,23 @@ async fn spare_images_are_never_shared_and_are_swept_after_agent_sigkill() {
     let dev = |d: &PathBuf| fs::read_to_string(d.join(disk::LOOP_FILE)).unwrap().trim().to_string();
     assert_ne!(ino(&dirs[0]), ino(&dirs[1]), "two instances, one image file");
     assert_ne!(dev(&dirs[0]), dev(&dirs[1]), "two instances, one loop device");
+    // Made from a spare: one bound before the clients came, or one the pool
+    // refilled while the first instance started (its ready line's disk steps
+    // say which path the start took).
+    let logs = agent.logs();
     for d in &dirs {
-        assert!(spare_devs.contains(&dev(d)), "{} was not made from a spare ({:?})", dev(d), spare_devs);
+        let id = d.file_name().unwrap().to_string_lossy().to_string();
+        let ready = logs
+            .iter()
+            .find(|v| v["message"] == "instance ready" && v["span"]["instance"] == id.as_str())
+            .unwrap_or_else(|| panic!("no ready line for {id}"));
+        let steps = ready["steps"].as_str().unwrap_or_default();
+        assert!(
+            steps.contains("disk.spare="),
+            "{} was not made from a spare (spares at the start {:?}; steps {steps})",
+            dev(d),
+            spare_devs
+        );
     }
     // Each filesystem holds its own build's files and nothing of the other.
     let has = |d: &PathBuf, sub: &str| d.join(berth_shim::spec::ROOT_DIR).join(sub).is_dir();
