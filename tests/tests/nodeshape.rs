@@ -78,9 +78,16 @@ fn tree(dir: &Path) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
     fn walk(base: &Path, d: &Path, out: &mut Vec<(String, String, String)>) {
         let rel = d.strip_prefix(base).unwrap().display().to_string();
+        // An instance's cgroup can go between listing its parent and
+        // reading it (the reap runs beside the walk): a cgroup that is gone
+        // is not part of the tree.
+        let entries = match fs::read_dir(d) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && d != base => return,
+            Err(e) => panic!("{}: {e}", d.display()),
+        };
         out.push((rel, read(d.join("cgroup.procs")), read(d.join("cgroup.subtree_control"))));
-        let mut subs: Vec<PathBuf> =
-            fs::read_dir(d).unwrap().flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+        let mut subs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
         subs.sort();
         for s in subs {
             walk(base, &s, out);
@@ -309,6 +316,18 @@ impl Node {
             state_dir: self.state.clone(),
             cgroup_root: PathBuf::from(CG),
             cgroup_parent: parent.to_string(),
+        }
+    }
+}
+
+/// A test that fails midway must not leave its agent running (the VM
+/// lane's leak check would report it, hiding the first failure).
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }

@@ -6,6 +6,8 @@ use super::*;
 pub(crate) struct Proc {
     pub(crate) child: Child,
     pub(crate) status: Option<ExitStatus>,
+    /// The threads reading its stdout and stderr.
+    pub(crate) readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// A running `berth-agent run` in its own temp environment. Dropping it
@@ -84,9 +86,11 @@ impl Agent {
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", self.exe.display()));
         let pid = child.id();
         eprintln!("harness: started agent pid {pid}: {cmd:?}");
-        self.logs.capture(child.stdout.take().unwrap(), format!("agent[{pid}] stdout:"), true);
-        self.logs.capture(child.stderr.take().unwrap(), format!("agent[{pid}]:"), true);
-        *self.proc.lock().unwrap() = Some(Proc { child, status: None });
+        let readers = vec![
+            self.logs.capture(child.stdout.take().unwrap(), format!("agent[{pid}] stdout:"), true),
+            self.logs.capture(child.stderr.take().unwrap(), format!("agent[{pid}]:"), true),
+        ];
+        *self.proc.lock().unwrap() = Some(Proc { child, status: None, readers });
     }
 
     /// The temp dir everything lives in (mode 0755, canonical path).
@@ -120,6 +124,13 @@ impl Agent {
         let p = g.as_mut()?;
         if p.status.is_none() {
             if let Ok(Some(st)) = p.child.try_wait() {
+                // Its last lines may still be in the pipe: a test that reads
+                // the log once the exit is seen must find them. Bounded,
+                // since a shim that outlives a killed agent holds the pipe.
+                let until = Instant::now() + Duration::from_secs(1);
+                while !p.readers.iter().all(|r| r.is_finished()) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
                 p.status = Some(st);
             }
         }
@@ -155,6 +166,13 @@ impl Agent {
         let p = g.as_mut()?;
         if p.status.is_none() {
             if let Ok(Some(st)) = p.child.try_wait() {
+                // Its last lines may still be in the pipe: a test that reads
+                // the log once the exit is seen must find them. Bounded,
+                // since a shim that outlives a killed agent holds the pipe.
+                let until = Instant::now() + Duration::from_secs(1);
+                while !p.readers.iter().all(|r| r.is_finished()) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
                 p.status = Some(st);
             }
         }

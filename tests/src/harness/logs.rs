@@ -138,7 +138,14 @@ impl LogBuf {
 
     /// Spawns a thread copying `r` line by line into the buffer, and onto
     /// stderr prefixed with `tag` when `echo` is set.
-    pub fn capture(self: &Arc<Self>, r: impl Read + Send + 'static, tag: String, echo: bool) {
+    /// The handle says when the reader has met end of file: a child's last
+    /// lines can still be in the pipe when its exit is seen.
+    pub fn capture(
+        self: &Arc<Self>,
+        r: impl Read + Send + 'static,
+        tag: String,
+        echo: bool,
+    ) -> std::thread::JoinHandle<()> {
         let buf = self.clone();
         std::thread::Builder::new()
             .name(format!("log {tag}"))
@@ -151,7 +158,7 @@ impl LogBuf {
                     buf.push(line);
                 }
             })
-            .expect("spawn log thread");
+            .expect("spawn log thread")
     }
 
     /// The number of lines so far: a mark to look from.
