@@ -124,13 +124,9 @@ impl Agent {
         let p = g.as_mut()?;
         if p.status.is_none() {
             if let Ok(Some(st)) = p.child.try_wait() {
-                // Its last lines may still be in the pipe: a test that reads
-                // the log once the exit is seen must find them. Bounded,
-                // since a shim that outlives a killed agent holds the pipe.
-                let until = Instant::now() + Duration::from_secs(1);
-                while !p.readers.iter().all(|r| r.is_finished()) && Instant::now() < until {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
+                // A test that reads the log once the exit is seen must
+                // find the last lines.
+                super::logs::drain(&p.readers);
                 p.status = Some(st);
             }
         }
@@ -166,13 +162,9 @@ impl Agent {
         let p = g.as_mut()?;
         if p.status.is_none() {
             if let Ok(Some(st)) = p.child.try_wait() {
-                // Its last lines may still be in the pipe: a test that reads
-                // the log once the exit is seen must find them. Bounded,
-                // since a shim that outlives a killed agent holds the pipe.
-                let until = Instant::now() + Duration::from_secs(1);
-                while !p.readers.iter().all(|r| r.is_finished()) && Instant::now() < until {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
+                // A test that reads the log once the exit is seen must
+                // find the last lines.
+                super::logs::drain(&p.readers);
                 p.status = Some(st);
             }
         }

@@ -97,6 +97,16 @@ pub fn parse_log_line(line: &str) -> Value {
     }
 }
 
+/// Waits (up to 1 s) for reader threads from [`LogBuf::capture`] to meet end of
+/// file: a child's last lines can still be in the pipe when its exit is
+/// seen. Bounded, since a shim that outlives a killed agent holds the pipe.
+pub fn drain(readers: &[std::thread::JoinHandle<()>]) {
+    let until = Instant::now() + Duration::from_secs(1);
+    while !readers.iter().all(|r| r.is_finished()) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// One captured line: when it was read, parsed, and as read.
 struct Line {
     at: Instant,

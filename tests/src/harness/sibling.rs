@@ -8,6 +8,7 @@ use super::*;
 pub struct Sibling {
     pub(crate) child: Mutex<Child>,
     pub(crate) logs: Arc<LogBuf>,
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Agent {
@@ -18,9 +19,11 @@ impl Agent {
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", self.exe.display()));
         let pid = child.id();
         let logs = LogBuf::new();
-        logs.capture(child.stdout.take().unwrap(), format!("sibling[{pid}] stdout:"), true);
-        logs.capture(child.stderr.take().unwrap(), format!("sibling[{pid}]:"), true);
-        Sibling { child: Mutex::new(child), logs }
+        let readers = vec![
+            logs.capture(child.stdout.take().unwrap(), format!("sibling[{pid}] stdout:"), true),
+            logs.capture(child.stderr.take().unwrap(), format!("sibling[{pid}]:"), true),
+        ];
+        Sibling { child: Mutex::new(child), logs, readers }
     }
 }
 
@@ -39,7 +42,11 @@ impl Sibling {
         self.logs.values(0)
     }
     pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
-        poll(timeout, Duration::from_millis(20), || self.child.lock().unwrap().try_wait().ok().flatten())
+        let st = poll(timeout, Duration::from_millis(20), || self.child.lock().unwrap().try_wait().ok().flatten());
+        if st.is_some() {
+            super::logs::drain(&self.readers);
+        }
+        st
     }
 }
 
