@@ -1,6 +1,7 @@
 //! berth-bench: the six figures of issue 8, the disk limit's (issue 13), the isolated network's
 //! (issue 12) and the flood of issue 18, each against a baseline
-//! measured in the same run, printed as one table.
+//! measured in the same run, printed as one table. Figure 12 (`realbuild`,
+//! the real buildkitd) is opt-in: `--only realbuild` with the real tools.
 //!
 //! ```text
 //! cargo build --release --workspace --bins
@@ -22,6 +23,7 @@ pub mod footprint;
 pub mod network;
 pub mod podsock;
 pub mod proxy;
+pub mod realbuild;
 pub mod report;
 pub mod sockdiag;
 pub mod start;
@@ -49,7 +51,8 @@ struct Cli {
     /// Few iterations and small sizes: proves every figure works, measures nothing.
     #[arg(long)]
     quick: bool,
-    /// only these figures (comma-separated: start,throughput,wipe,footprint,concurrency,warm,disk,network,flood,sockdiag,podsock).
+    /// only these figures (comma-separated: start,throughput,wipe,footprint,concurrency,warm,disk,network,flood,sockdiag,podsock;
+    /// realbuild only when named here, with --buildkitd, --buildctl and --base-layout).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Also write the rows, per-figure details and machine facts as JSON here.
@@ -77,6 +80,24 @@ struct Cli {
     /// Figure 3: iterations per variant.
     #[arg(long, hide = true)]
     wipe_iters: Option<usize>,
+    /// Figure 12 (realbuild): the real buildkitd binary the agent runs.
+    #[arg(long)]
+    buildkitd: Option<PathBuf>,
+    /// Figure 12: the real buildctl client.
+    #[arg(long)]
+    buildctl: Option<PathBuf>,
+    /// Figure 12: an OCI image layout that stands in for `FROM busybox`.
+    #[arg(long)]
+    base_layout: Option<PathBuf>,
+    /// Figure 12: build rounds (each path once per round and export mode; default 3, quick 1).
+    #[arg(long, hide = true)]
+    real_rounds: Option<usize>,
+    /// Figure 12: start samples per side (default 10, quick 2).
+    #[arg(long, hide = true)]
+    real_starts: Option<usize>,
+    /// Figure 12: context size in MiB (default 256, quick 16).
+    #[arg(long, hide = true)]
+    real_context_mib: Option<u64>,
 }
 
 /// Sizes and iteration counts.
@@ -150,6 +171,8 @@ impl Plan {
 pub struct Ctx {
     pub bins: Bins,
     pub plan: Plan,
+    /// Figure 12's tools and sizes (`--buildkitd`, `--buildctl`, `--base-layout`).
+    pub real: Option<realbuild::RealPlan>,
 }
 
 /// What a figure hands back: its table rows and free-form details.
@@ -158,7 +181,7 @@ pub struct Figure {
     pub details: Value,
 }
 
-pub const FIGURES: [&str; 11] = [
+pub const FIGURES: [&str; 12] = [
     "start",
     "throughput",
     "wipe",
@@ -170,7 +193,11 @@ pub const FIGURES: [&str; 11] = [
     "flood",
     "sockdiag",
     "podsock",
+    "realbuild",
 ];
+
+/// Figures run only when `--only` names them: they need tools CI lacks.
+pub const OPT_IN: [&str; 1] = ["realbuild"];
 
 async fn run_figure(name: &str, ctx: &Ctx) -> Result<Figure> {
     match name {
@@ -185,6 +212,7 @@ async fn run_figure(name: &str, ctx: &Ctx) -> Result<Figure> {
         "flood" => flood::run(ctx).await,
         "sockdiag" => sockdiag::run(ctx).await,
         "podsock" => podsock::run(ctx).await,
+        "realbuild" => realbuild::run(ctx).await,
         other => anyhow::bail!("unknown figure {other}"),
     }
 }
@@ -254,7 +282,10 @@ pub fn main() -> i32 {
     plan.start_samples = cli.start_samples.unwrap_or(plan.start_samples).max(1);
     plan.wipe_iters = cli.wipe_iters.unwrap_or(plan.wipe_iters).max(1);
     let selected: Vec<&str> = if cli.only.is_empty() {
-        FIGURES.to_vec()
+        for f in OPT_IN {
+            progress!("figure {f}: SKIPPED: opt-in, needs the real upstream tools (--only {f} --buildkitd PATH --buildctl PATH --base-layout DIR)");
+        }
+        FIGURES.iter().copied().filter(|f| !OPT_IN.contains(f)).collect()
     } else {
         let mut v = Vec::new();
         for o in &cli.only {
@@ -268,7 +299,33 @@ pub fn main() -> i32 {
         }
         v
     };
-    let ctx = Ctx { bins, plan };
+    let real = match (cli.buildkitd, cli.buildctl, cli.base_layout) {
+        (None, None, None) => None,
+        (Some(d), Some(c), Some(l)) => match realbuild::buildctl::Tools::new(d, c, l) {
+            Ok(tools) => Some(realbuild::RealPlan {
+                tools,
+                rounds: cli.real_rounds.unwrap_or(if plan.quick { 1 } else { 3 }).max(1),
+                starts: cli.real_starts.unwrap_or(if plan.quick { 2 } else { 10 }).max(1),
+                context_mib: cli.real_context_mib.unwrap_or(if plan.quick { 16 } else { 256 }).max(1),
+            }),
+            Err(e) => {
+                eprintln!("berth-bench: {e:#}");
+                return 2;
+            }
+        },
+        _ => {
+            eprintln!("berth-bench: --buildkitd, --buildctl and --base-layout go together (figure realbuild)");
+            return 2;
+        }
+    };
+    if selected.contains(&"realbuild") && real.is_none() {
+        eprintln!(
+            "berth-bench: figure realbuild needs the real upstream tools: --buildkitd PATH --buildctl PATH \
+             --base-layout DIR (an OCI layout for FROM busybox); CI has none, fakekitd stands in elsewhere"
+        );
+        return 2;
+    }
+    let ctx = Ctx { bins, plan, real };
     let mach = machine();
     let load_before = env::loadavg();
     progress!(

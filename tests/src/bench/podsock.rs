@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 const VOLUME: &str = "v";
 const POD: &str = "p";
 
-async fn node(csi: &Path) -> Result<NodeClient<tonic::transport::Channel>> {
+pub(crate) async fn node(csi: &Path) -> Result<NodeClient<tonic::transport::Channel>> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         match crate::try_channel(csi).await {
