@@ -6,6 +6,7 @@
 //! fake host trees; the user-namespace clone probe runs only against the
 //! real /proc.
 
+mod cgmove;
 mod network;
 
 use crate::config::CheckArgs;
@@ -21,6 +22,8 @@ use std::process::Command;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
     Ok,
+    /// Works, at a cost worth knowing, with the way to avoid it.
+    Info,
     Warn,
     Fail,
 }
@@ -37,6 +40,7 @@ impl fmt::Display for Item {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let tag = match self.level {
             Level::Ok => "ok  ",
+            Level::Info => "info",
             Level::Warn => "warn",
             Level::Fail => "FAIL",
         };
@@ -53,6 +57,9 @@ fn ok(name: &'static str, detail: impl Into<String>) -> Item {
 }
 fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Item {
     Item { name, level: Level::Fail, detail: detail.into(), fix: Some(fix.into()) }
+}
+fn info(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Item {
+    Item { name, level: Level::Info, detail: detail.into(), fix: Some(fix.into()) }
 }
 fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Item {
     Item { name, level: Level::Warn, detail: detail.into(), fix: Some(fix.into()) }
@@ -84,6 +91,7 @@ pub fn run_checks(args: &CheckArgs) -> Vec<Item> {
         proc_unmasked(&h.proc_root),
         idmap(args),
         cgroups(args),
+        cgmove::check(&h.cgroup_root, &h.proc_root),
         daemon(&h.daemon, agent_path.as_deref()),
         runc(&h.daemon, agent_path.as_deref()),
         state_dir(&h.state_dir),

@@ -81,6 +81,27 @@ fn prepare_state(state: &Path) -> Result<(), RunError> {
     sys::check_traversable(state).map_err(RunError::StateDir)
 }
 
+/// What every start pays to put its daemon into its cgroup, said once at
+/// start (`check` prints the same as its "cgroup moves" line). A shim that
+/// finds clone3 refused all the same logs its own line with the reason.
+fn log_cgroup_moves(cgroup_root: &Path, proc_root: &Path) {
+    use berth_shim::cgroup::moves::{self, MoveCost};
+    let v = moves::view(cgroup_root, proc_root);
+    let (kernel, why) = (v.kernel_shown(), v.why_moved());
+    match v.cost {
+        MoveCost::BornIn => {
+            info!(%kernel, "cgroup: daemons are born in their cgroup (clone3 CLONE_INTO_CGROUP), no move on the start path")
+        }
+        MoveCost::Waits => info!(
+            %kernel,
+            %why,
+            fix = moves::FAVOR_FIX,
+            "cgroup: each start moves its daemon and waits for an RCU grace period (about 5-10 ms per start)"
+        ),
+        cost => info!(%kernel, %why, ?cost, "cgroup: each start moves its daemon, without waiting"),
+    }
+}
+
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
     crate::bounds::raise_nofile();
     // The daemon, absolute (the shim execs it from inside the instance's
@@ -121,6 +142,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         scope = ?args.scope,
         "berth-agent starting"
     );
+    log_cgroup_moves(&args.host.cgroup_root, &args.host.proc_root);
     // Disk hook: without a way to give instances a disk limit, refuse to
     // start unless the operator said --build-disk 0.
     crate::disk::preflight(&args).map_err(RunError::Disk)?;

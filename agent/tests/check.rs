@@ -138,3 +138,33 @@ fn check_in_a_busy_v2_cgroup_moves_nothing_and_names_the_process() {
     assert!(line.starts_with("warn"), "{out}");
     assert!(out.contains(&format!("pid {pid} (sleep)")) && out.contains("--cgroup-parent"), "{out}");
 }
+
+/// The "cgroup moves" line on the real host: informational at worst, never
+/// FAIL; on cgroup v2 (the VM lane) the daemons are born in their cgroup,
+/// on v1 (this host) each start moves its daemon and the line says at what
+/// cost, matching the favordynmods state of the host's cgroup mounts.
+#[test]
+fn check_cgroup_moves_line_matches_the_host() {
+    let t = tempfile::tempdir().unwrap();
+    let out = check_with(&[], &t.path().join("state"), None);
+    let line =
+        out.lines().find(|l| l.contains("cgroup moves")).unwrap_or_else(|| panic!("no cgroup moves line:\n{out}"));
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let favoring = mountinfo.lines().any(|l| {
+        l.split_once(" - ").is_some_and(|(_, t)| {
+            t.starts_with("cgroup") && t.split(' ').nth(2).is_some_and(|o| o.split(',').any(|o| o == "favordynmods"))
+        })
+    });
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let old = berth_shim::cgroup::moves::kernel_version(&release).is_some_and(|k| k < (6, 0));
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        assert!(line.starts_with("ok") && line.contains("born in their cgroup"), "{out}");
+    } else if old {
+        assert!(line.starts_with("ok") && line.contains("cheap before Linux 6.0"), "{out}");
+    } else if favoring {
+        assert!(line.starts_with("ok") && line.contains("favordynmods"), "{out}");
+    } else {
+        assert!(line.starts_with("info") && line.contains("RCU grace period"), "{out}");
+        assert!(out.contains("remount the cgroup2 hierarchy with favordynmods"), "the fix is printed:\n{out}");
+    }
+}

@@ -9,6 +9,7 @@
 //! files we need are simpler to write than to adapt.
 
 pub mod delegate;
+pub mod moves;
 mod v1;
 mod v2;
 

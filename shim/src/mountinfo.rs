@@ -60,6 +60,33 @@ pub fn read(proc_root: &Path) -> io::Result<Vec<MountEntry>> {
     Ok(parse(&text))
 }
 
+/// A mount's filesystem: its type and super-block options, the fields after
+/// the ` - ` separator (`- cgroup2 cgroup2 rw,nsdelegate,favordynmods`).
+/// Options a filesystem applies to all its mounts (cgroup's favordynmods)
+/// show only there, not among the per-mount options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsEntry {
+    pub mount_point: PathBuf,
+    pub fs_type: String,
+    pub super_options: Vec<String>,
+}
+
+/// Parses a whole mountinfo table into [`FsEntry`]s; malformed lines are
+/// skipped. The optional fields (`shared:1`) before ` - ` vary in number,
+/// so the line is split there; a path's spaces are escaped (`\040`).
+pub fn parse_fs(text: &str) -> Vec<FsEntry> {
+    text.lines()
+        .filter_map(|l| {
+            let (head, tail) = l.split_once(" - ")?;
+            let mount_point = unescape(head.split(' ').nth(4)?);
+            let mut t = tail.split(' ');
+            let (fs_type, _source, opts) = (t.next()?, t.next()?, t.next()?);
+            let super_options = opts.split(',').map(String::from).collect();
+            Some(FsEntry { mount_point, fs_type: fs_type.to_string(), super_options })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,6 +108,20 @@ mod tests {
         let m = parse(t);
         assert_eq!(m.len(), 2);
         assert_eq!(m[1], MountEntry { dev: "8:1".into(), root: "/sub".into(), mount_point: "/mnt/with space".into() });
+    }
+
+    #[test]
+    fn parses_filesystem_type_and_super_options() {
+        let t =
+            "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate,favordynmods\n\
+                 35 31 0:32 / /sys/fs/cgroup/mem\\040ory rw,relatime - cgroup cgroup rw,memory\nno separator here\n";
+        let m = parse_fs(t);
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert_eq!(m[0].mount_point, PathBuf::from("/sys/fs/cgroup/unified"));
+        assert_eq!(m[0].fs_type, "cgroup2");
+        assert_eq!(m[0].super_options, ["rw", "nsdelegate", "favordynmods"]);
+        assert_eq!(m[1].mount_point, PathBuf::from("/sys/fs/cgroup/mem ory"));
+        assert_eq!(m[1].super_options, ["rw", "memory"]);
     }
 
     #[test]

@@ -8,6 +8,11 @@
 //! does the child become root of its namespace and exec the daemon, so the
 //! daemon never runs unmapped, outside its cgroup, or unrecorded.
 //!
+//! On cgroup v2 the child is not moved but born in its cgroup (clone3 with
+//! CLONE_INTO_CGROUP): a move waits for an RCU grace period, ~5-10 ms of
+//! every start on an idle host. The start steps say which way it went:
+//! `cgroup.into` (born in it) or `cgroup` (moved, with the time it took).
+//!
 //! The daemon's stdout and stderr are a pipe the shim copies to daemon.log,
 //! up to the spec's cap (see `output`).
 
@@ -16,7 +21,9 @@ mod output;
 mod supervise;
 
 use crate::cgroup::{self, CgroupError};
-use crate::spec::{EndReason, Outcome, PidStamp, Spec, SpecError, DAEMON_LOG_FILE, DAEMON_PID_FILE, SHIM_PID_FILE};
+use crate::spec::{
+    CgroupVersion, EndReason, Outcome, PidStamp, Spec, SpecError, DAEMON_LOG_FILE, DAEMON_PID_FILE, SHIM_PID_FILE,
+};
 use crate::steps::Steps;
 use crate::{sys, teardown};
 use nix::errno::Errno;
@@ -187,6 +194,21 @@ fn block_signals() -> Result<SignalFd, RunError> {
         .map_err(|errno| RunError::Sys { what: "signalfd", errno })
 }
 
+/// The cgroup the daemon is to be born in: an `O_PATH` fd of the instance's
+/// cgroup v2 dir for [`sys::clone_into_cgroup`]. `None` on v1, where a
+/// process joins one hierarchy per controller and only a move can do that;
+/// with the reason when v2's dir cannot be opened (the move then reports
+/// the error that matters, with its path).
+fn birth_cgroup(spec: &Spec) -> (Option<OwnedFd>, Option<String>) {
+    let (CgroupVersion::V2, Some((_, dir))) = (spec.cgroup.version, spec.cgroup.dirs.first()) else {
+        return (None, None);
+    };
+    match open(dir, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()) {
+        Ok(fd) => (Some(fd), None),
+        Err(errno) => (None, Some(format!("open {}: {errno}", dir.display()))),
+    }
+}
+
 /// Everything up to the handshake byte. On error, `daemon` holds the
 /// child's pid if it was cloned; dropping the pipes makes it `_exit`.
 fn start(
@@ -225,18 +247,49 @@ fn start(
     if threads != 1 {
         return Err(RunError::Threads { proc: proc_root.join("self/task"), threads });
     }
-    let pid = {
+    // cgroup v2: the daemon is born in its cgroup (clone3 with
+    // CLONE_INTO_CGROUP), so the move below and its RCU grace period are
+    // off the start path. Where the kernel refuses, clone + move as on v1.
+    let t = Instant::now();
+    let (into, mut refused) = birth_cgroup(spec);
+    let opened = t.elapsed();
+    steps.reset();
+    let (pid, born_in) = {
         let fds = [sync_r.as_fd(), err_w.as_fd(), out_w.as_fd(), null.as_fd()];
         let mut plan = child::Plan::new(spec, fds, [sync_w.as_raw_fd(), err_r.as_raw_fd(), output.raw_fd()])?;
         plan.listener = listener.as_ref().map(|l| l.as_fd());
-        let mut stack = vec![0u8; sys::CHILD_STACK];
         let own_netns = spec.isolate_network || spec.network.is_some();
         let flags = if own_netns { NS_FLAGS | CloneFlags::CLONE_NEWNET } else { NS_FLAGS };
-        sys::clone_child(flags, &mut stack, &mut || child::main(&plan))
-            .map_err(|errno| RunError::Sys { what: "clone", errno })?
+        let mut main = || child::main(&plan);
+        let born = into.as_ref().and_then(|fd| match sys::clone_into_cgroup(flags, fd.as_fd(), &mut main) {
+            Ok(pid) => Some(pid),
+            Err(errno) => {
+                refused = Some(format!("clone3(CLONE_INTO_CGROUP): {errno}"));
+                None
+            }
+        });
+        match born {
+            Some(pid) => (pid, true),
+            None => {
+                let mut stack = vec![0u8; sys::CHILD_STACK];
+                let pid = sys::clone_child(flags, &mut stack, &mut main)
+                    .map_err(|errno| RunError::Sys { what: "clone", errno })?;
+                (pid, false)
+            }
+        }
     };
     *daemon = Some(pid);
     steps.mark("clone");
+    if born_in {
+        steps.add("cgroup.into", opened);
+    }
+    drop(into);
+    if let Some(why) = refused {
+        crate::log!(
+            spec.id,
+            "cgroup v2: the daemon could not be born in its cgroup ({why}); moving it in instead, which waits for an RCU grace period on each start unless a cgroup mount has favordynmods (see `berth-agent check`)"
+        );
+    }
     // The child has its own copies; ours of its ends must go so that EOF
     // and hangups mean what they should.
     // The daemon has its own copy of the pod's listener too.
@@ -248,15 +301,22 @@ fn start(
     }
     steps.mark("maps");
     match &spec.network {
+        None if born_in => {}
         None => {
             cgroup::join(&spec.cgroup, pid.as_raw())?;
             steps.mark("cgroup");
         }
+        // Born in its cgroup: only the veth is left to do.
+        Some(net) if born_in => {
+            let net_steps = crate::net::setup(net, pid.as_raw(), proc_root)?;
+            steps.mark("net");
+            steps.nest("net", &net_steps);
+        }
         // Isolated network: the veth into the child's new namespace, before
         // the child may exec (see `net`), beside the cgroup join, which can
-        // wait ~10 ms for an RCU grace period on v1 (docs/benchmarks.md,
-        // figure 1): the two touch nothing in common. A thread after clone
-        // is fine; only clone needs the shim single-threaded.
+        // wait ~10 ms for an RCU grace period (v1, or v2 without clone3;
+        // docs/benchmarks.md, figure 1): the two touch nothing in common.
+        // A thread after clone is fine; only clone needs one thread.
         Some(net) => {
             let (joined, net_steps) = std::thread::scope(|s| {
                 let join = s.spawn(|| {

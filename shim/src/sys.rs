@@ -1,7 +1,7 @@
 //! The shim's raw syscalls: every `unsafe` block of the crate is here, each
 //! with the reason it is sound. Everything else goes through `nix`, which
 //! wraps the calls safely; this module covers what nix lacks or marks unsafe
-//! (clone, sigaction, close_range, closing a raw fd in a cloned child, the
+//! (clone and clone3, sigaction, close_range, closing a raw fd in a cloned child, the
 //! loop device ioctls, pidfd_open/pidfd_getfd and SIOCGSKNS).
 //!
 //! All of these assume the process is single-threaded when they matter
@@ -41,6 +41,85 @@ pub fn clone_child(flags: CloneFlags, stack: &mut [u8], cb: &mut dyn FnMut() -> 
     // fork-like calls, locks held by other threads, does not apply: callers
     // check `thread_count() == 1` first (the shim never starts threads).
     unsafe { nix::sched::clone(Box::new(cb), stack, flags, Some(libc::SIGCHLD)) }
+}
+
+/// `CLONE_INTO_CGROUP` (linux/sched.h, Linux 5.7). libc's constant is an
+/// overflowing `c_int` (deprecated), so it is spelled out here.
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Like [`clone_child`], but with clone3(2) and `CLONE_INTO_CGROUP`: the
+/// child is born in the cgroup v2 dir open as `cgroup` (an `O_PATH`
+/// directory fd), so it never has to be moved there. A move (a write to
+/// `cgroup.procs`) takes `cgroup_threadgroup_rwsem` for writing, which
+/// waits for an RCU grace period (~5 ms on an idle host); a fork into the
+/// cgroup takes it for reading only.
+///
+/// Fork-like: no `CLONE_VM` and no stack of its own, so the child returns
+/// from the syscall on its copy of the parent's stack, runs `cb` and exits
+/// with its value (also when `cb` panics: the unwind must never run on into
+/// the parent's code). Kernels before 5.7 refuse with ENOSYS (no clone3,
+/// before 5.3), E2BIG or EINVAL; so do seccomp profiles that hide clone3
+/// (ENOSYS). The caller falls back to [`clone_child`] and a move.
+pub fn clone_into_cgroup(
+    flags: CloneFlags,
+    cgroup: BorrowedFd<'_>,
+    cb: &mut dyn FnMut() -> isize,
+) -> Result<Pid, Errno> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `clone_args` is plain old data (eleven u64 fields); all-zero
+    // is its documented "nothing set" value.
+    let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
+    args.flags = flags.bits() as u32 as u64 | CLONE_INTO_CGROUP;
+    args.exit_signal = libc::SIGCHLD as u64;
+    args.cgroup = cgroup.as_raw_fd() as u64;
+    // SAFETY: the kernel only reads `args` (live, sized, no pointers set).
+    // Without CLONE_VM and with stack 0 the child runs on its private copy
+    // of our address space and stack, like fork, so its return from this
+    // call is sound; locks held by other threads cannot be copied held:
+    // callers check `thread_count() == 1` first.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_clone3, &mut args as *mut libc::clone_args, std::mem::size_of::<libc::clone_args>())
+    };
+    match rc {
+        0 => {
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(cb)).unwrap_or(126);
+            exit_now(code as i32)
+        }
+        pid if pid > 0 => Ok(Pid::from_raw(pid as i32)),
+        _ => Err(Errno::last()),
+    }
+}
+
+/// Test hook: from now on clone3 fails with ENOSYS in the calling thread
+/// and in every process it starts (a seccomp filter, inherited across fork
+/// and exec), as on a kernel before 5.3 or under a container runtime's
+/// seccomp profile. The shim's tests start a shim from such a thread to
+/// drive its fallback to clone + move for real. Needs CAP_SYS_ADMIN (no
+/// no_new_privs is set, so a root shim started below stays root). The
+/// filter checks the syscall number only: 435 is clone3 on every arch.
+#[doc(hidden)]
+pub fn refuse_clone3_in_this_thread() -> Result<(), Errno> {
+    // Classic BPF opcodes (linux/bpf_common.h; libc has them for BSDs
+    // only): BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K.
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let filter = [
+        // seccomp_data.nr (offset 0)
+        op(LD_W_ABS, 0, 0, 0),
+        op(JEQ_K, 0, 1, libc::SYS_clone3 as u32),
+        op(RET_K, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+        op(RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ];
+    let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut libc::sock_filter };
+    // SAFETY: `prog` points at `filter`, both live for the whole call; the
+    // kernel copies the program and keeps no pointer to it. PR_SET_SECCOMP
+    // (unlike seccomp(2) with TSYNC) applies to the calling thread only.
+    if unsafe { libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog as *const libc::sock_fprog) } < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
 }
 
 /// Ends a cloned child at once: no atexit handlers, no stdio flushing of
@@ -266,159 +345,5 @@ pub fn self_in_pidns(pidns: BorrowedFd<'_>) -> Result<Option<i32>, Errno> {
     }
 }
 
-/// Loop devices through their ioctls (`linux/loop.h`): take a free device
-/// from `/dev/loop-control`, bind an image file to it with autoclear, and
-/// unbind it. Hand-written because nix has no loop wrappers and the loopdev
-/// crates generate their bindings with bindgen (libclang at build time) for
-/// the four requests and two plain structs needed here.
-///
-/// Autoclear is what makes a crash harmless: the kernel unbinds the device
-/// when its last user goes, which is the mount once the image is mounted,
-/// and the binding fd before that. So no code path has to remember to
-/// detach it, and `/sys/block/loopN/loop/backing_file` tells a sweep which
-/// image a still-bound device belongs to.
-pub mod loopdev {
-    use nix::errno::Errno;
-    use nix::fcntl::{open, OFlag};
-    use nix::sys::stat::Mode;
-    use std::os::fd::{AsRawFd, OwnedFd};
-    use std::path::{Path, PathBuf};
-
-    const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
-    const LOOP_SET_FD: libc::c_ulong = 0x4C00;
-    const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
-    const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
-    const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
-    /// `LO_FLAGS_AUTOCLEAR`: unbind when the last opener closes.
-    const LO_FLAGS_AUTOCLEAR: u32 = 4;
-    const LO_NAME_SIZE: usize = 64;
-
-    /// `struct loop_info64`.
-    #[repr(C)]
-    struct LoopInfo64 {
-        lo_device: u64,
-        lo_inode: u64,
-        lo_rdevice: u64,
-        lo_offset: u64,
-        lo_sizelimit: u64,
-        lo_number: u32,
-        lo_encrypt_type: u32,
-        lo_encrypt_key_size: u32,
-        lo_flags: u32,
-        lo_file_name: [u8; LO_NAME_SIZE],
-        lo_crypt_name: [u8; LO_NAME_SIZE],
-        lo_encrypt_key: [u8; 32],
-        lo_init: [u64; 2],
-    }
-
-    /// `struct loop_config` (Linux 5.8).
-    #[repr(C)]
-    struct LoopConfig {
-        fd: u32,
-        block_size: u32,
-        info: LoopInfo64,
-        reserved: [u64; 8],
-    }
-
-    fn info_for(image: &Path) -> LoopInfo64 {
-        use std::os::unix::ffi::OsStrExt;
-        let mut name = [0u8; LO_NAME_SIZE];
-        let raw = image.as_os_str().as_bytes();
-        let n = raw.len().min(LO_NAME_SIZE - 1);
-        name[..n].copy_from_slice(&raw[..n]);
-        LoopInfo64 {
-            lo_device: 0,
-            lo_inode: 0,
-            lo_rdevice: 0,
-            lo_offset: 0,
-            lo_sizelimit: 0,
-            lo_number: 0,
-            lo_encrypt_type: 0,
-            lo_encrypt_key_size: 0,
-            lo_flags: LO_FLAGS_AUTOCLEAR,
-            lo_file_name: name,
-            lo_crypt_name: [0; LO_NAME_SIZE],
-            lo_encrypt_key: [0; 32],
-            lo_init: [0; 2],
-        }
-    }
-
-    /// Binds `image` (open read-write as `file`) to a free loop device with
-    /// autoclear. Returns the device path and an open fd of it: the device
-    /// stays bound while that fd (or, later, a mount of it) lives.
-    pub fn attach(image: &Path, file: &OwnedFd) -> Result<(PathBuf, OwnedFd), Errno> {
-        let ctl = open("/dev/loop-control", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())?;
-        // Another process may take the device between GET_FREE and the bind
-        // (EBUSY): ask again, a bounded number of times.
-        let mut last = Errno::EBUSY;
-        for _ in 0..16 {
-            // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device
-            // number; `ctl` is an open fd of /dev/loop-control we own.
-            let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE as _) };
-            if n < 0 {
-                return Err(Errno::last());
-            }
-            let dev = PathBuf::from(format!("/dev/loop{n}"));
-            let loopfd = match open(&dev, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty()) {
-                Ok(fd) => fd,
-                // The node may appear a moment after the device (udev-less hosts
-                // create it in devtmpfs at once; containers may lack it).
-                Err(e) => return Err(e),
-            };
-            let config =
-                LoopConfig { fd: file.as_raw_fd() as u32, block_size: 0, info: info_for(image), reserved: [0; 8] };
-            // SAFETY: `config` is a fully initialised `struct loop_config` that
-            // outlives the call, which only reads it; both fds are open and ours.
-            let rc = unsafe { libc::ioctl(loopfd.as_raw_fd(), LOOP_CONFIGURE as _, &config) };
-            if rc == 0 {
-                return Ok((dev, loopfd));
-            }
-            match Errno::last() {
-                Errno::EBUSY => {
-                    last = Errno::EBUSY;
-                    continue;
-                }
-                // Kernels before 5.8: bind, then set the flags.
-                Errno::EINVAL | Errno::ENOTTY => {}
-                e => return Err(e),
-            }
-            // SAFETY: LOOP_SET_FD takes the backing file's fd as its integer
-            // argument; no memory is passed.
-            if unsafe { libc::ioctl(loopfd.as_raw_fd(), LOOP_SET_FD as _, file.as_raw_fd() as libc::c_ulong) } < 0 {
-                match Errno::last() {
-                    Errno::EBUSY => {
-                        last = Errno::EBUSY;
-                        continue;
-                    }
-                    e => return Err(e),
-                }
-            }
-            let info = info_for(image);
-            // SAFETY: `info` is a fully initialised `struct loop_info64` that
-            // outlives the call, which only reads it.
-            if unsafe { libc::ioctl(loopfd.as_raw_fd(), LOOP_SET_STATUS64 as _, &info) } < 0 {
-                let e = Errno::last();
-                let _ = clear_fd(&loopfd);
-                return Err(e);
-            }
-            return Ok((dev, loopfd));
-        }
-        Err(last)
-    }
-
-    /// Unbinds the device open as `fd`. On a device still in use (mounted) the
-    /// kernel only sets autoclear, so it goes with its last user.
-    pub fn clear_fd(fd: &OwnedFd) -> Result<(), Errno> {
-        // SAFETY: LOOP_CLR_FD takes no argument.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), LOOP_CLR_FD as _) } < 0 {
-            return Err(Errno::last());
-        }
-        Ok(())
-    }
-
-    /// Unbinds the device at `dev` (a path such as `/dev/loop3`).
-    pub fn clear(dev: &Path) -> Result<(), Errno> {
-        let fd = open(dev, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())?;
-        clear_fd(&fd)
-    }
-}
+/// Loop devices through their ioctls (see the module).
+pub mod loopdev;

@@ -7,6 +7,7 @@
 #
 #   tests/vm/run.sh                 # builds the test binaries, runs the plan
 #   BERTH_VM_PLAN=plan.sh tests/vm/run.sh   # a plan of `suite` lines of your own
+#   BERTH_VM_KEEP=1 ...             # keep the suites' logs after a pass too
 #
 # Hardware KVM is used where it boots the stock kernel (probed once per host
 # kernel and cached); elsewhere QEMU's software emulation (TCG).
@@ -121,7 +122,10 @@ if [[ $(cat "$results/leaks.rc" 2>/dev/null) != 0 ]]; then
   fail=1
 fi
 log "lane took $(($(date +%s) - t0)) s in all"
-if [[ $fail == 0 ]]; then
+if [[ $fail == 0 && -n ${BERTH_VM_KEEP:-} ]]; then
+  rm -rf "$stage"
+  log "cgroup v2 lane passed; every suite's log is kept in $results (BERTH_VM_KEEP)"
+elif [[ $fail == 0 ]]; then
   log "cgroup v2 lane passed"
   rm -rf "$results"
 else

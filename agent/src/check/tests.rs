@@ -213,3 +213,47 @@ fn disk_limit_needs_the_mechanism_and_zero_is_a_warning() {
     let bad = Cli::try_parse_from(["berth-agent", "check", "--build-disk", "1Mi"]).unwrap_err().to_string();
     assert!(bad.contains("at least 16Mi"), "{bad}");
 }
+
+#[test]
+fn cgroup_moves_line_says_when_every_start_waits_for_a_grace_period() {
+    let h = Host::new();
+    let cg = |text: &str| {
+        fs::write(h.p("proc/self/mountinfo"), format!("22 1 0:21 / /proc rw - proc proc rw\n{text}")).unwrap();
+        h.item("cgroup moves", &[])
+    };
+    let v1 = "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime shared:5 - cgroup cgroup rw,memory\n\
+              41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw,nsdelegate\n";
+    let favoring = "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw,nsdelegate,favordynmods\n";
+    fs::create_dir_all(h.p("proc/sys/kernel")).unwrap();
+    fs::write(h.p("proc/sys/kernel/osrelease"), "6.18.44-generic\n").unwrap();
+    // cgroup v2 and clone3 into a cgroup: no move at all.
+    let i = cg(v1);
+    assert_eq!(i.level, Level::Ok, "{i}");
+    assert!(i.detail.contains("born in their cgroup") && i.detail.contains("kernel 6.18"), "{i}");
+    // cgroup v1 (the fake root has no cgroup.controllers): every start moves,
+    // and with no favordynmods anywhere it waits. Informational, not a failure.
+    fs::remove_file(h.p("cg/cgroup.controllers")).unwrap();
+    let i = cg(v1);
+    assert_eq!(i.level, Level::Info, "{i}");
+    assert!(i.detail.contains("RCU grace period") && i.detail.contains("5-10 ms"), "{i}");
+    assert!(i.fix.as_deref().unwrap().contains("favordynmods"), "{i}");
+    assert!(i.to_string().starts_with("info  cgroup moves"), "{i}");
+    // favordynmods on any hierarchy (the rwsem is global): moves are cheap.
+    let i = cg(&format!("{v1}{favoring}"));
+    assert_eq!(i.level, Level::Ok, "{i}");
+    assert!(i.detail.contains("/sys/fs/cgroup/unified is mounted with favordynmods"), "{i}");
+    // Before Linux 6.0 moves never waited.
+    fs::write(h.p("proc/sys/kernel/osrelease"), "5.15.0-91-generic\n").unwrap();
+    let i = cg(v1);
+    assert_eq!(i.level, Level::Ok, "{i}");
+    assert!(i.detail.contains("cheap before Linux 6.0"), "{i}");
+    // cgroup v2 on a kernel without CLONE_INTO_CGROUP moves too.
+    fs::write(h.p("cg/cgroup.controllers"), "cpu memory pids\n").unwrap();
+    fs::write(h.p("proc/sys/kernel/osrelease"), "5.4.0\n").unwrap();
+    let i = cg(v1);
+    assert_eq!(i.level, Level::Ok, "{i}");
+    assert!(i.detail.contains("no clone3 CLONE_INTO_CGROUP"), "{i}");
+    assert_eq!(berth_shim::cgroup::moves::kernel_version("6.0"), Some((6, 0)));
+    assert_eq!(berth_shim::cgroup::moves::kernel_version("4.19.0+"), Some((4, 19)));
+    assert_eq!(berth_shim::cgroup::moves::kernel_version("garbage"), None);
+}
