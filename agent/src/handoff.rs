@@ -43,7 +43,7 @@ use crate::phase::Phase;
 use crate::registry::Attach;
 use crate::Ctx;
 use diag::SocketFile;
-use netns::Counter;
+use netns::{CountError, Counter};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -196,8 +196,7 @@ async fn admit(
             // backlog until the first count replaces it.
             crate::life::launch(ctx.clone(), inst.clone(), permit);
             let span = tracing::info_span!(parent: None, "handoff", instance = %inst.id);
-            let proc_root = ctx.run.host.proc_root.clone();
-            tokio::spawn(count_conns(inst.clone(), fd.clone(), file, proc_root).instrument(span));
+            tokio::spawn(count_conns(ctx.clone(), inst.clone(), fd.clone(), file).instrument(span));
             info!(instance = %inst.id, client = %client.display, "pod's socket handed to its instance");
             Ok(inst)
         }
@@ -213,14 +212,25 @@ async fn admit(
 
 /// Keeps the instance's connection count at what the daemon holds on the
 /// pod's listener, from readiness to the end; the reaper does the rest.
-async fn count_conns(inst: Arc<Instance>, fd: Arc<OwnedFd>, file: SocketFile, proc_root: PathBuf) {
+///
+/// A count that fails is counted on /metrics (`handoff_count_failures`, by
+/// reason) and makes the instance count as in use: the agent cannot tell a
+/// live build from an idle one then, and reaping a live build is the worse
+/// mistake. The instance still ends when its pod goes (unpublish), when its
+/// daemon exits, and at drain; `handoff_uncounted_instances` says how many
+/// are held that way.
+async fn count_conns(ctx: Arc<Ctx>, inst: Arc<Instance>, fd: Arc<OwnedFd>, file: SocketFile) {
     let mut phase = inst.phase.subscribe();
     if phase.wait_for(|p| !matches!(p, Phase::Starting)).await.is_err() {
         return;
     }
+    let proc_root = ctx.run.host.proc_root.clone();
     let mut counter: Option<Counter> = None;
     let mut last_err = None;
     let mut namespaces = 0;
+    // Set while the last count failed; dropping it takes the instance off
+    // the uncounted gauge (also when this task ends).
+    let mut uncounted: Option<Uncounted> = None;
     loop {
         if inst.phase.borrow().is_over() {
             return;
@@ -238,11 +248,13 @@ async fn count_conns(inst: Arc<Instance>, fd: Arc<OwnedFd>, file: SocketFile, pr
             let n = c.count();
             (Some(c), n)
         })
-        .await;
+        .await
+        .unwrap_or_else(|e| (None, Err(CountError::Task(e.to_string()))));
         match counted {
-            Ok((c, Ok(n))) => {
+            (c, Ok(n)) => {
                 counter = c;
                 last_err = None;
+                uncounted = None;
                 let found = counter.as_ref().map_or(0, Counter::foreign_namespaces);
                 if found > namespaces {
                     info!(instance = %inst.id, namespaces = found, "pod's connections counted in its own network namespace");
@@ -250,26 +262,44 @@ async fn count_conns(inst: Arc<Instance>, fd: Arc<OwnedFd>, file: SocketFile, pr
                 namespaces = found;
                 inst.conns.send_if_modified(|c| std::mem::replace(c, n) != n);
             }
-            Ok((c, Err(e))) => {
+            (c, Err(e)) => {
                 counter = c;
+                ctx.metrics.handoff_count_failed(e.metric_label());
+                uncounted.get_or_insert_with(|| Uncounted::new(&ctx));
                 // Counting fails: the instance counts as in use (never reap
                 // a build because the kernel would not answer); unpublish
                 // still ends it.
-                if last_err.as_ref().map(|s: &String| s != &e.to_string()).unwrap_or(true) {
-                    warn!(instance = %inst.id, error = %e, "cannot count the pod's connections (sock_diag); the instance is kept until its pod's volume is unpublished");
+                let text = e.to_string();
+                if last_err.as_ref() != Some(&text) {
+                    warn!(instance = %inst.id, reason = e.metric_label(), error = %text, "cannot count the pod's connections (sock_diag); the instance is kept until its pod's volume is unpublished");
                 }
-                last_err = Some(e.to_string());
+                last_err = Some(text);
                 inst.conns.send_if_modified(|c| {
                     let idle = *c == 0;
                     *c = (*c).max(1);
                     idle
                 });
             }
-            Err(e) => warn!(error = %e, "count task failed"),
         }
         tokio::select! {
             _ = tokio::time::sleep(COUNT_EVERY) => {}
             _ = phase.wait_for(|p| p.is_over()) => return,
         }
+    }
+}
+
+/// One instance on the `handoff_uncounted_instances` gauge while alive.
+struct Uncounted(Arc<Ctx>);
+
+impl Uncounted {
+    fn new(ctx: &Arc<Ctx>) -> Uncounted {
+        ctx.metrics.handoff_uncounted.inc();
+        Uncounted(ctx.clone())
+    }
+}
+
+impl Drop for Uncounted {
+    fn drop(&mut self) {
+        self.0.metrics.handoff_uncounted.dec();
     }
 }

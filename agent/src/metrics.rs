@@ -63,7 +63,17 @@ pub struct Metrics {
     pub buildkitd_config_info: Family<HashLabel, Gauge>,
     /// The isolated build network's (see `network::metrics`).
     pub network: crate::network::metrics::NetMetrics,
+    /// Failed counts of the connections on handed-off pod sockets, by
+    /// reason (`handoff::netns::CountError::metric_label`).
+    pub handoff_count_failures: Family<ReasonLabel, Counter>,
+    /// Handed-off instances whose last count failed (kept as in use).
+    pub handoff_uncounted: Gauge,
 }
+
+/// The reasons of `handoff_count_failures` (every label of
+/// `handoff::netns::CountError`), pre-created so they read 0 before the first.
+pub const HANDOFF_COUNT_REASONS: [&str; 6] =
+    ["listener", "sock_diag", "daemon_fds", "pidfd_getfd", "netns", "internal"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -97,6 +107,8 @@ impl Metrics {
             buildkitd_config_info: Family::default(),
             network: Default::default(),
             ready: Family::default(),
+            handoff_count_failures: Family::default(),
+            handoff_uncounted: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("slots", "Build slots on this node", m.slots_total.clone());
@@ -161,6 +173,19 @@ impl Metrics {
         for v in ["notify", "probe"] {
             let _ = m.ready.get_or_create(&ViaLabel { via: v.into() });
         }
+        registry.register(
+            "handoff_count_failures",
+            "Failed counts of the daemon's connections on handed-off pod sockets (every 250 ms per instance while failing; the instance is then kept as in use), by reason",
+            m.handoff_count_failures.clone(),
+        );
+        for r in HANDOFF_COUNT_REASONS {
+            let _ = m.handoff_count_failures.get_or_create(&ReasonLabel { reason: r.into() });
+        }
+        registry.register(
+            "handoff_uncounted_instances",
+            "Handed-off pod instances whose last connection count failed: not reaped when idle, ended when the pod's volume is unpublished",
+            m.handoff_uncounted.clone(),
+        );
         for l in ["memory", "pids", "disk"] {
             let _ = m.limit_hits.get_or_create(&ReasonLabel { reason: l.into() });
         }
@@ -191,6 +216,11 @@ impl Metrics {
     pub fn proxied(&self, up: u64, down: u64) {
         self.proxied_bytes.get_or_create(&DirectionLabel { direction: "up".into() }).inc_by(up);
         self.proxied_bytes.get_or_create(&DirectionLabel { direction: "down".into() }).inc_by(down);
+    }
+
+    /// `reason`: one of [`HANDOFF_COUNT_REASONS`].
+    pub fn handoff_count_failed(&self, reason: &'static str) {
+        self.handoff_count_failures.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
     }
 
     /// `via` is "notify" or "probe" (a bounded label).
@@ -226,6 +256,11 @@ mod tests {
         assert!(text.contains("berth_instance_start_seconds_count 1"), "{text}");
         assert!(text.contains("berth_instance_ready_total{via=\"notify\"} 1"), "{text}");
         assert!(text.contains("berth_instance_ready_total{via=\"probe\"} 0"), "{text}");
+        m.handoff_count_failed("daemon_fds");
+        let text = m.encode();
+        assert!(text.contains("berth_handoff_count_failures_total{reason=\"daemon_fds\"} 1"), "{text}");
+        assert!(text.contains("berth_handoff_count_failures_total{reason=\"sock_diag\"} 0"), "{text}");
+        assert!(text.contains("berth_handoff_uncounted_instances 0"), "{text}");
         assert!(text.ends_with("# EOF\n"));
     }
 }

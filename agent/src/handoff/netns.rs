@@ -51,6 +51,49 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+/// Why a count failed. Each failure is counted on /metrics by
+/// [`CountError::metric_label`]; the instance then counts as in use
+/// (handoff.rs, `count_conns`).
+#[derive(Debug, thiserror::Error)]
+pub enum CountError {
+    /// The pod's listener has no path, or its namespace cannot be read.
+    #[error("the pod's listener {name}: {source}")]
+    Listener { name: String, source: io::Error },
+    /// A sock_diag dump failed (socket, send, answer), in the agent's
+    /// namespace or a pod's.
+    #[error("sock_diag dump of the {ns} network namespace: {source}")]
+    SockDiag { ns: &'static str, source: io::Error },
+    /// The daemon's descriptors cannot be listed or read: ptrace access
+    /// refused (an LSM profile or Yama; a root agent owns the daemon's user
+    /// namespace, so capabilities alone do not refuse it).
+    #[error("{path}: {source} (the agent needs ptrace access to the daemon: no AppArmor/SELinux profile or Yama setting denying it)")]
+    DaemonFds { path: PathBuf, source: io::Error },
+    /// pidfd_getfd(2) of one of the daemon's descriptors refused (seccomp:
+    /// the runtimes' default profile refuses it without CAP_SYS_PTRACE).
+    #[error("pidfd_getfd of fd {fd} of the daemon (pid {pid}): {source} (the agent needs CAP_SYS_PTRACE, and a seccomp profile that allows the call: Unconfined, or a privileged container)")]
+    Getfd { pid: i32, fd: i32, source: Errno },
+    /// The pod's network namespace: SIOCGSKNS, its identity, or setns.
+    #[error("{what}: {source}")]
+    Netns { what: String, source: io::Error },
+    /// The blocking count task itself failed (panicked or was cancelled).
+    #[error("the count task: {0}")]
+    Task(String),
+}
+
+impl CountError {
+    /// A bounded label, one of `metrics::HANDOFF_COUNT_REASONS`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            CountError::Listener { .. } => "listener",
+            CountError::SockDiag { .. } => "sock_diag",
+            CountError::DaemonFds { .. } => "daemon_fds",
+            CountError::Getfd { .. } => "pidfd_getfd",
+            CountError::Netns { .. } => "netns",
+            CountError::Task(_) => "internal",
+        }
+    }
+}
+
 /// A network namespace the pod's connections were found in.
 struct Foreign {
     /// The namespace's nsfs inode (unique while the namespace lives, and
@@ -80,14 +123,23 @@ pub struct Counter {
 impl Counter {
     /// A counter for the pod's `listener` (bound at `file`), served by the
     /// daemon of the instance in `inst_dir`; `proc_root` is the host's /proc.
-    pub fn new(listener: BorrowedFd<'_>, file: SocketFile, inst_dir: &Path, proc_root: &Path) -> io::Result<Counter> {
+    pub fn new(
+        listener: BorrowedFd<'_>,
+        file: SocketFile,
+        inst_dir: &Path,
+        proc_root: &Path,
+    ) -> Result<Counter, CountError> {
         let name = getsockname::<SockaddrStorage>(listener.as_raw_fd())
             .ok()
             .and_then(|a| a.as_unix_addr().and_then(|u| u.path()).map(Path::to_path_buf))
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the pod's listener has no path"))?;
+            .ok_or_else(|| CountError::Listener {
+                name: format!("fd {}", listener.as_raw_fd()),
+                source: io::Error::new(io::ErrorKind::InvalidInput, "no path"),
+            })?;
         let own_ns = ssys::socket_netns(listener)
-            .map_err(|e| errno_at(e, "SIOCGSKNS on the pod's listener"))
-            .and_then(|ns| ns_id(ns.as_fd()))?;
+            .map_err(|e| errno_at(e, "SIOCGSKNS"))
+            .and_then(|ns| ns_id(ns.as_fd()))
+            .map_err(|source| CountError::Listener { name: name.display().to_string(), source })?;
         Ok(Counter {
             file,
             name,
@@ -104,7 +156,7 @@ impl Counter {
     /// The daemon's connections on the pod's listener in every namespace
     /// known, plus those waiting in its backlog; when that finds none, looks
     /// for namespaces not known yet and counts again.
-    pub fn count(&mut self) -> io::Result<usize> {
+    pub fn count(&mut self) -> Result<usize, CountError> {
         let n = self.count_known()?;
         if n > 0 || self.discover()? == 0 {
             return Ok(n);
@@ -118,9 +170,10 @@ impl Counter {
         self.foreign.len()
     }
 
-    fn count_known(&mut self) -> io::Result<usize> {
+    fn count_known(&mut self) -> Result<usize, CountError> {
+        let own_err = |source| CountError::SockDiag { ns: "agent's", source };
         if self.own.is_none() {
-            self.own = Some(diag::socket()?);
+            self.own = Some(diag::socket().map_err(own_err)?);
         }
         let own = self.own.as_mut().expect("set above");
         let mut n = match diag::count_on(own, self.file) {
@@ -128,7 +181,7 @@ impl Counter {
             Err(e) => {
                 // A socket whose dump failed half-way may hold the rest.
                 self.own = None;
-                return Err(e);
+                return Err(own_err(e));
             }
         };
         for i in 0..self.foreign.len() {
@@ -139,7 +192,7 @@ impl Counter {
                     // socket afresh.
                     self.foreign.remove(i);
                     self.seen.clear();
-                    return Err(e);
+                    return Err(CountError::SockDiag { ns: "pod's", source: e });
                 }
             }
         }
@@ -148,7 +201,7 @@ impl Counter {
 
     /// Looks at the daemon's sockets not seen yet; returns how many new
     /// namespaces it found.
-    fn discover(&mut self) -> io::Result<usize> {
+    fn discover(&mut self) -> Result<usize, CountError> {
         let Some((pid, pidfd)) = self.daemon.take().or_else(|| self.open_daemon()) else {
             return Ok(0);
         };
@@ -169,19 +222,27 @@ impl Counter {
         stamp.alive(&self.proc_root).then_some((stamp.pid, pidfd))
     }
 
-    fn discover_in(&mut self, pid: i32, pidfd: BorrowedFd<'_>) -> io::Result<usize> {
+    fn discover_in(&mut self, pid: i32, pidfd: BorrowedFd<'_>) -> Result<usize, CountError> {
         let dir = self.proc_root.join(pid.to_string()).join("fd");
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
             // The daemon is gone: its instance is ending.
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", dir.display()))),
+            Err(source) => return Err(CountError::DaemonFds { path: dir, source }),
         };
         let mut now = HashSet::new();
         let mut found = 0;
         for e in entries.flatten() {
             let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-            let Some(ino) = std::fs::read_link(e.path()).ok().and_then(|t| socket_inode(&t)) else { continue };
+            // Closed since the listing (or the daemon ended): skipped. Any
+            // other error (EACCES: no ptrace access) must not pass for "no
+            // connection", or a live build would be reaped as idle.
+            let target = match std::fs::read_link(e.path()) {
+                Ok(t) => t,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(CountError::DaemonFds { path: dir.join(fd.to_string()), source }),
+            };
+            let Some(ino) = socket_inode(&target) else { continue };
             now.insert(ino);
             if self.seen.contains(&ino) {
                 continue;
@@ -197,15 +258,12 @@ impl Counter {
 
     /// The namespace of the daemon's descriptor `fd` if it is a connection
     /// accepted from the pod's listener.
-    fn pod_connection_netns(&self, pid: i32, pidfd: BorrowedFd<'_>, fd: i32) -> io::Result<Option<OwnedFd>> {
+    fn pod_connection_netns(&self, pid: i32, pidfd: BorrowedFd<'_>, fd: i32) -> Result<Option<OwnedFd>, CountError> {
         let sock = match ssys::pidfd_getfd(pidfd, fd) {
             Ok(s) => s,
             // Closed since the listing, or the daemon is gone.
             Err(Errno::EBADF | Errno::ESRCH) => return Ok(None),
-            Err(e) => {
-                let what = format!("pidfd_getfd of fd {fd} of the daemon (pid {pid}; the agent needs CAP_SYS_PTRACE)");
-                return Err(errno_at(e, &what));
-            }
+            Err(source) => return Err(CountError::Getfd { pid, fd, source }),
         };
         let Ok(addr) = getsockname::<SockaddrStorage>(sock.as_raw_fd()) else { return Ok(None) };
         if addr.as_unix_addr().and_then(|u| u.path()) != Some(self.name.as_path()) {
@@ -215,18 +273,20 @@ impl Counter {
         if getsockopt(&sock, sockopt::AcceptConn).unwrap_or(true) {
             return Ok(None);
         }
-        ssys::socket_netns(sock.as_fd())
-            .map(Some)
-            .map_err(|e| errno_at(e, &format!("SIOCGSKNS on fd {fd} of the daemon (pid {pid})")))
+        ssys::socket_netns(sock.as_fd()).map(Some).map_err(|e| CountError::Netns {
+            what: format!("SIOCGSKNS on fd {fd} of the daemon (pid {pid})"),
+            source: io::Error::from(e),
+        })
     }
 
     /// Starts asking namespace `ns` too, unless it is known; 1 if it was new.
-    fn add(&mut self, ns: OwnedFd) -> io::Result<usize> {
-        let id = ns_id(ns.as_fd())?;
+    fn add(&mut self, ns: OwnedFd) -> Result<usize, CountError> {
+        let netns = |source| CountError::Netns { what: "the pod's network namespace".into(), source };
+        let id = ns_id(ns.as_fd()).map_err(netns)?;
         if id == self.own_ns || self.foreign.iter().any(|f| f.ns == id) {
             return Ok(0);
         }
-        let diag = socket_in(ns)?;
+        let diag = socket_in(ns).map_err(netns)?;
         self.foreign.push(Foreign { ns: id, diag });
         Ok(1)
     }

@@ -104,3 +104,24 @@ fn a_missing_daemon_record_finds_nothing_and_fails_nothing() {
     // Before the shim records the daemon there is nothing to look in.
     assert_eq!(s.counter.count().unwrap(), 0);
 }
+
+#[test]
+fn every_count_error_has_a_pre_created_metric_label() {
+    let io = || io::Error::from(io::ErrorKind::PermissionDenied);
+    let all = [
+        CountError::Listener { name: "l".into(), source: io() },
+        CountError::SockDiag { ns: "agent's", source: io() },
+        CountError::DaemonFds { path: "/proc/1/fd/3".into(), source: io() },
+        CountError::Getfd { pid: 1, fd: 3, source: Errno::EPERM },
+        CountError::Netns { what: "setns".into(), source: io() },
+        CountError::Task("panicked".into()),
+    ];
+    let labels: HashSet<&str> = all.iter().map(CountError::metric_label).collect();
+    assert_eq!(labels.len(), all.len(), "one label per kind");
+    for l in labels {
+        assert!(crate::metrics::HANDOFF_COUNT_REASONS.contains(&l), "{l} is not pre-created on /metrics");
+    }
+    // The errors carry where they happened.
+    assert!(all[2].to_string().contains("/proc/1/fd/3") && all[2].to_string().contains("ptrace"));
+    assert!(all[3].to_string().contains("pid 1") && all[3].to_string().contains("CAP_SYS_PTRACE"));
+}

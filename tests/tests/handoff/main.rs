@@ -20,9 +20,16 @@ use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+mod count;
+
 fn builder(name: &str, extra: &[&str]) -> AgentBuilder {
+    builder_http(name, "off", extra)
+}
+
+/// With the HTTP endpoint (/metrics) at `http` (`off`, or a loopback address).
+fn builder_http(name: &str, http: &str, extra: &[&str]) -> AgentBuilder {
     Agent::builder(name)
-        .args(["--http-addr", "off", "--pod-sockets", "handoff"])
+        .args(["--http-addr", http, "--pod-sockets", "handoff"])
         .args(extra.iter().copied())
         .dir_arg("--csi-endpoint", "csi.sock")
         .dir_arg("--kubelet-dir", "kubelet")
