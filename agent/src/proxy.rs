@@ -32,7 +32,7 @@ const INTERNAL_ERROR: u32 = 0x2;
 
 /// Pipes `client` to the instance's daemon; returns bytes (up, down).
 pub async fn pipe(client: UnixStream, inst: &Instance) -> io::Result<(u64, u64)> {
-    let upstream = UnixStream::connect(inst.socket()).await?;
+    let upstream = connect(&inst.socket())?;
     let (cr, mut cw) = client.into_split();
     let (ur, mut uw) = upstream.into_split();
     let client_eof = AtomicBool::new(false);
@@ -60,6 +60,20 @@ pub async fn pipe(client: UnixStream, inst: &Instance) -> io::Result<(u64, u64)>
     };
     let (up, down) = tokio::join!(up, down);
     Ok((up, down))
+}
+
+/// Connects to the instance socket without a reactor turn: a unix connect
+/// completes in the call or fails (EAGAIN: the daemon's backlog is full,
+/// which tokio's `UnixStream::connect` also returns as an error), but
+/// tokio's connect then waits for the reactor to report the socket
+/// writable, a wake-up of another worker on every new connection.
+fn connect(path: &std::path::Path) -> io::Result<UnixStream> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
+    let addr = UnixAddr::new(path)?;
+    nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)
+        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("{}: {e}", path.display())))?;
+    UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
 }
 
 /// Tracks HTTP/2 frame boundaries in a byte stream without keeping data.
@@ -188,6 +202,25 @@ mod tests {
         let mut f = Frames::default();
         f.feed(b"HTTP/1.1 200 OK\r\n\r\n");
         assert!(!f.is_h2() && !f.at_boundary());
+    }
+
+    /// The instance connect completes in the call (no reactor turn) and
+    /// says which path failed.
+    #[tokio::test]
+    async fn connect_is_ready_at_once_and_names_a_missing_path() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("d.sock");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let c = connect(&path).unwrap();
+        let (mut a, _) = l.accept().unwrap();
+        // Connected in the call: a write goes through at once.
+        assert_eq!(nix::unistd::write(&c, b"x").unwrap(), 1);
+        let mut b = [0u8; 1];
+        std::io::Read::read_exact(&mut a, &mut b).unwrap();
+        assert_eq!(&b, b"x");
+        let e = connect(&t.path().join("gone.sock")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(e.to_string().contains("gone.sock"), "{e}");
     }
 
     #[test]

@@ -136,7 +136,7 @@ pub fn identify(stream: &UnixStream, proc_root: &Path) -> Peer {
 }
 
 fn by_cgroup(proc_root: &Path, uid: u32, gid: u32, pid: i32, pidfd: Option<&OwnedFd>) -> Peer {
-    let Ok(cgroup) = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")) else {
+    let Ok(cgroup) = read_small(&proc_root.join(pid.to_string()).join("cgroup")) else {
         return Peer::Unknown { uid, gid, why: Unknown::Exited };
     };
     // The pid may have been reused between SO_PEERCRED and the read; the
@@ -173,8 +173,31 @@ fn by_namespace(uid: u32, gid: u32, pidfd: Option<&OwnedFd>) -> Peer {
 /// The `Pid:` line of a pidfd's fdinfo: the pid in the pid namespace of the
 /// procfs at `proc_root`, 0 if not visible there, -1 once the process ended.
 fn pidfd_pid(proc_root: &Path, fd: &OwnedFd) -> Option<i32> {
-    let info = std::fs::read_to_string(proc_root.join("self/fdinfo").join(fd.as_raw_fd().to_string())).ok()?;
+    let info = read_small(&proc_root.join("self/fdinfo").join(fd.as_raw_fd().to_string())).ok()?;
     info.lines().find_map(|l| l.strip_prefix("Pid:")).and_then(|v| v.trim().parse().ok())
+}
+
+/// Reads a small /proc file with one 4 KiB read where it fits: these files
+/// report size 0, so `fs::read_to_string` stats them and then reads 32,
+/// 32, 64, ... bytes at a time (five reads for a cgroup file), and three are
+/// read on every node-socket connection.
+fn read_small(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 4096];
+    let mut n = 0;
+    loop {
+        let m = f.read(&mut buf[n..])?;
+        if m == 0 {
+            break;
+        }
+        n += m;
+        if n == buf.len() {
+            buf.resize(n * 2, 0);
+        }
+    }
+    buf.truncate(n);
+    String::from_utf8(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 static WARNED: AtomicBool = AtomicBool::new(false);
