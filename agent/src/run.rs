@@ -85,20 +85,9 @@ fn prepare_state(state: &Path) -> Result<(), RunError> {
 /// start (`check` prints the same as its "cgroup moves" line). A shim that
 /// finds clone3 refused all the same logs its own line with the reason.
 fn log_cgroup_moves(cgroup_root: &Path, proc_root: &Path) {
-    use berth_shim::cgroup::moves::{self, MoveCost};
-    let v = moves::view(cgroup_root, proc_root);
-    let (kernel, why) = (v.kernel_shown(), v.why_moved());
-    match v.cost {
-        MoveCost::BornIn => {
-            info!(%kernel, "cgroup: daemons are born in their cgroup (clone3 CLONE_INTO_CGROUP), no move on the start path")
-        }
-        MoveCost::Waits => info!(
-            %kernel,
-            %why,
-            fix = moves::FAVOR_FIX,
-            "cgroup: each start moves its daemon and waits for an RCU grace period (about 5-10 ms per start)"
-        ),
-        cost => info!(%kernel, %why, ?cost, "cgroup: each start moves its daemon, without waiting"),
+    match berth_shim::cgroup::moves::view(cgroup_root, proc_root).summary() {
+        (cost, true) => info!(fix = berth_shim::cgroup::moves::FAVOR_FIX, "cgroup moves: {cost}"),
+        (cost, false) => info!("cgroup moves: {cost}"),
     }
 }
 

@@ -90,26 +90,36 @@ pub fn clone_into_cgroup(
     }
 }
 
-/// Test hook: from now on clone3 fails with ENOSYS in the calling thread
-/// and in every process it starts (a seccomp filter, inherited across fork
-/// and exec), as on a kernel before 5.3 or under a container runtime's
-/// seccomp profile. The shim's tests start a shim from such a thread to
-/// drive its fallback to clone + move for real. Needs CAP_SYS_ADMIN (no
-/// no_new_privs is set, so a root shim started below stays root). The
-/// filter checks the syscall number only: 435 is clone3 on every arch.
+/// Test hook: from now on syscall `nr` fails with `errno` in the calling
+/// thread and in every process it starts (a seccomp filter, inherited
+/// across fork and exec), as under a container runtime's seccomp profile
+/// (clone3 refused with ENOSYS, pidfd_getfd with EPERM). Tests drive the
+/// shim's fallback to clone + move and the agent's failed connection
+/// counts with it for real (`refuse-syscall` in the tests crate wraps a
+/// command in it). Needs CAP_SYS_ADMIN (no no_new_privs is set, so a root
+/// process started below stays root). Calls of another architecture (an
+/// x32 or 32-bit ABI) are allowed: the number means something else there.
 #[doc(hidden)]
-pub fn refuse_clone3_in_this_thread() -> Result<(), Errno> {
+pub fn refuse_syscall_in_this_thread(nr: libc::c_long, errno: i32) -> Result<(), Errno> {
     // Classic BPF opcodes (linux/bpf_common.h; libc has them for BSDs
-    // only): BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K.
+    // only): BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K;
+    // and the audit arch of this build (linux/audit.h).
     const LD_W_ABS: u16 = 0x20;
     const JEQ_K: u16 = 0x15;
     const RET_K: u16 = 0x06;
+    #[cfg(target_arch = "x86_64")]
+    const ARCH: u32 = 0xC000_003E;
+    #[cfg(target_arch = "aarch64")]
+    const ARCH: u32 = 0xC000_00B7;
     let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
     let filter = [
+        // seccomp_data.arch (offset 4): another ABI, allow.
+        op(LD_W_ABS, 0, 0, 4),
+        op(JEQ_K, 0, 3, ARCH),
         // seccomp_data.nr (offset 0)
         op(LD_W_ABS, 0, 0, 0),
-        op(JEQ_K, 0, 1, libc::SYS_clone3 as u32),
-        op(RET_K, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+        op(JEQ_K, 0, 1, nr as u32),
+        op(RET_K, 0, 0, libc::SECCOMP_RET_ERRNO | (errno as u32 & libc::SECCOMP_RET_DATA)),
         op(RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
     ];
     let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut libc::sock_filter };

@@ -4,7 +4,7 @@
 //! in the cgroup v2 lane (tests/vm/suites: shim-birth), this host is v1.
 //!
 //! The refusal is real: the shim is started from a thread with a seccomp
-//! filter that fails clone3 with ENOSYS (`sys::refuse_clone3_in_this_thread`),
+//! filter that fails clone3 with ENOSYS (`sys::refuse_syscall_in_this_thread`),
 //! as a kernel before 5.3 or a container runtime's seccomp profile does.
 
 #[path = "support/instance.rs"]
@@ -28,7 +28,8 @@ fn spawn_logged(inst: &Inst, refuse_clone3: bool) -> (Child, mpsc::Receiver<Stri
     let dir = inst.dir.clone();
     let mut child = std::thread::spawn(move || {
         if refuse_clone3 {
-            berth_shim::sys::refuse_clone3_in_this_thread().expect("seccomp filter (needs root)");
+            berth_shim::sys::refuse_syscall_in_this_thread(libc::SYS_clone3, libc::ENOSYS)
+                .expect("seccomp filter (needs root)");
         }
         Command::new(SHIM)
             .arg("run")

@@ -62,6 +62,36 @@ impl MoveView {
     }
 }
 
+impl MoveView {
+    /// What a start pays, in one sentence, and whether it waits for a grace
+    /// period (then [`FAVOR_FIX`] applies): `check`'s "cgroup moves" line
+    /// and the agent's start line say the same.
+    pub fn summary(&self) -> (String, bool) {
+        let (shown, why) = (self.kernel_shown(), self.why_moved());
+        match &self.cost {
+            MoveCost::BornIn => (
+                format!(
+                    "none on the start path: daemons are born in their cgroup (cgroup v2, clone3 CLONE_INTO_CGROUP, {shown}); a shim that finds clone3 refused (a seccomp profile) moves instead and logs why"
+                ),
+                false,
+            ),
+            MoveCost::CheapOldKernel => {
+                (format!("each start moves its daemon ({why}); cheap before Linux 6.0 ({shown})"), false)
+            }
+            MoveCost::CheapFavored(mount) => (
+                format!("each start moves its daemon ({why}), without waiting: {mount} is mounted with favordynmods"),
+                false,
+            ),
+            MoveCost::Waits => (
+                format!(
+                    "each start moves its daemon ({why}), and cgroup moves wait for an RCU grace period (about 5-10 ms per start): no cgroup hierarchy is mounted with favordynmods ({shown})"
+                ),
+                true,
+            ),
+        }
+    }
+}
+
 /// How to make moves cheap, for a host where they wait.
 pub const FAVOR_FIX: &str = "remount the cgroup2 hierarchy with favordynmods: `mount -o remount,favordynmods \
 /sys/fs/cgroup` (on a hybrid host its /sys/fs/cgroup/unified; a v1 hierarchy refuses the option at remount, so on a \

@@ -4,7 +4,7 @@
 //! volume is unpublished.
 //!
 //! The failure is a real one: the agent runs under a seccomp filter that
-//! answers pidfd_getfd(2) with EPERM (deny_getfd.py), as the runtimes'
+//! answers pidfd_getfd(2) with EPERM (`refuse-syscall`), as the runtimes'
 //! default profile (`seccompProfile: RuntimeDefault`) does for a container
 //! without CAP_SYS_PTRACE. A pod with a network namespace of its own needs
 //! that call to find where its connections are (handoff/netns.rs).
@@ -37,9 +37,9 @@ const UNCOUNTED: &str = "berth_handoff_uncounted_instances";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_count_that_fails_is_on_metrics_and_keeps_the_instance_until_unpublish() {
-    let deny = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/handoff/deny_getfd.py");
+    let (nr, eperm) = (libc::SYS_pidfd_getfd.to_string(), libc::EPERM.to_string());
     let agent = builder_http("handoff-nocount", "127.0.0.1:0", &["--idle-timeout", "1s"])
-        .wrapper(["python3", deny, "--"])
+        .wrapper([berth_tests::harness::bin_path("refuse-syscall").display().to_string(), nr, eperm, "--".into()])
         .start_async()
         .await;
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.agent_pid().unwrap())).unwrap();
