@@ -49,14 +49,20 @@ pub(crate) async fn echo(socket: &Path, total: u64, chunk: &Arc<Vec<u8>>) -> Res
         }
         Ok(())
     };
-    let budget = CALL_TIMEOUT + Duration::from_secs_f64(total as f64 / (20 << 20) as f64);
-    match tokio::time::timeout(budget, work).await {
-        Ok(r) => r?,
-        Err(_) => bail!("Echo of {total} bytes did not finish within {budget:?}"),
-    }
+    within_budget("Echo", total, work).await?;
     let secs = t0.elapsed().as_secs_f64();
     conn.close();
     Ok(secs)
+}
+
+/// Runs a transfer of `total` bytes with a deadline of the call timeout
+/// plus `total` at 20 MiB/s.
+async fn within_budget(what: &str, total: u64, work: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    let budget = CALL_TIMEOUT + Duration::from_secs_f64(total as f64 / (20 << 20) as f64);
+    match tokio::time::timeout(budget, work).await {
+        Ok(r) => r,
+        Err(_) => bail!("{what} of {total} bytes did not finish within {budget:?}"),
+    }
 }
 
 /// Fake.Stream of `total` bytes in `chunk`-byte messages on a fresh
@@ -85,11 +91,7 @@ async fn download(socket: &Path, total: u64, chunk: usize) -> Result<f64> {
         }
         Ok(())
     };
-    let budget = CALL_TIMEOUT + Duration::from_secs_f64(total as f64 / (20 << 20) as f64);
-    match tokio::time::timeout(budget, work).await {
-        Ok(r) => r?,
-        Err(_) => bail!("Stream of {total} bytes did not finish within {budget:?}"),
-    }
+    within_budget("Stream", total, work).await?;
     let secs = t0.elapsed().as_secs_f64();
     conn.close();
     Ok(secs)
