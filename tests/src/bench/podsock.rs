@@ -22,7 +22,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const VOLUME: &str = "v";
 const POD: &str = "p";
 
 pub(crate) async fn node(csi: &Path) -> Result<NodeClient<tonic::transport::Channel>> {
@@ -33,6 +32,48 @@ pub(crate) async fn node(csi: &Path) -> Result<NodeClient<tonic::transport::Chan
             Err(e) if Instant::now() > deadline => bail!("connect {}: {e}", csi.display()),
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
+    }
+}
+
+/// kubelet's side: a pod and its berth volume (target path, mounted).
+pub(crate) struct Pod {
+    name: String,
+    target: PathBuf,
+    _mount: env::UndoGuard,
+}
+
+impl Pod {
+    pub(crate) async fn publish(csi: &Path, kubelet: &Path, name: &str) -> Result<Pod> {
+        let target = kubelet.join(format!("pods/{name}/volumes/kubernetes.io~csi/v/mount"));
+        std::fs::create_dir_all(target.parent().unwrap())?;
+        let req = NodePublishVolumeRequest {
+            volume_id: format!("v-{name}"),
+            target_path: target.display().to_string(),
+            volume_capability: Some(mount_cap()),
+            volume_context: pod_ctx(name, "ci"),
+            ..Default::default()
+        };
+        node(csi).await?.node_publish_volume(req).await.map_err(|s| anyhow!("NodePublishVolume: {}", s.message()))?;
+        let mount = env::register(env::Undo::Mount(target.clone()));
+        Ok(Pod { name: name.into(), target, _mount: mount })
+    }
+
+    pub(crate) fn socket(&self) -> PathBuf {
+        self.target.join("buildkitd.sock")
+    }
+
+    /// NodeUnpublishVolume (the pod is gone: its instance is reaped).
+    pub(crate) async fn unpublish(self, csi: &Path) -> Result<()> {
+        let req = NodeUnpublishVolumeRequest {
+            volume_id: format!("v-{}", self.name),
+            target_path: self.target.display().to_string(),
+        };
+        node(csi)
+            .await?
+            .node_unpublish_volume(req)
+            .await
+            .map_err(|s| anyhow!("NodeUnpublishVolume: {}", s.message()))?;
+        Ok(())
     }
 }
 
@@ -67,19 +108,9 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
         ],
     )
     .await?;
-    let target = kubelet.join(format!("pods/{POD}/volumes/kubernetes.io~csi/{VOLUME}/mount"));
-    std::fs::create_dir_all(target.parent().unwrap())?;
-    let req = NodePublishVolumeRequest {
-        volume_id: VOLUME.into(),
-        target_path: target.display().to_string(),
-        volume_capability: Some(mount_cap()),
-        volume_context: pod_ctx(POD, "ci"),
-        ..Default::default()
-    };
-    node(&csi).await?.node_publish_volume(req).await.map_err(|s| anyhow!("NodePublishVolume: {}", s.message()))?;
     // Unmounted on any exit (after the agent's undo, which kills it).
-    let _mount_g = env::register(env::Undo::Mount(target.clone()));
-    let pod_sock = target.join("buildkitd.sock");
+    let pod = Pod::publish(&csi, &kubelet, POD).await?;
+    let pod_sock = pod.socket();
 
     // Held open for the whole figure, so the instance stays.
     let holder = Conn::open(&pod_sock).await?;
@@ -120,12 +151,7 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
         progress!("podsock: {}/{reps}", rep + 1);
     }
     holder.close();
-    let unpub = NodeUnpublishVolumeRequest { volume_id: VOLUME.into(), target_path: target.display().to_string() };
-    node(&csi)
-        .await?
-        .node_unpublish_volume(unpub)
-        .await
-        .map_err(|s| anyhow!("NodeUnpublishVolume: {}", s.message()))?;
+    pod.unpublish(&csi).await?;
     let leaks = agent.stop().await?;
     if !leaks.is_empty() {
         bail!("leaks after the pod-socket figure: {leaks:?}");

@@ -27,16 +27,14 @@ pub mod buildctl;
 pub mod hand;
 
 use crate::bench::env::{self, cpu_time, BenchAgent};
-use crate::bench::podsock::node;
+use crate::bench::podsock::Pod;
 use crate::bench::report::{p50, summary, Row};
 use crate::bench::{Ctx, Figure};
-use crate::kubelet::{mount_cap, pod_ctx};
 use anyhow::{anyhow, bail, Context, Result};
-use berth_agent::proto::csi_v1::{NodePublishVolumeRequest, NodeUnpublishVolumeRequest};
 use buildctl::Tools;
 use serde_json::json;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Sizes and counts of figure 12.
@@ -53,48 +51,6 @@ pub struct RealPlan {
 
 /// The pod whose socket the builds use.
 const BUILD_POD: &str = "rb";
-
-/// kubelet's side: a pod and its berth volume (target path, mounted).
-struct Pod {
-    name: String,
-    target: PathBuf,
-    _mount: env::UndoGuard,
-}
-
-impl Pod {
-    async fn publish(csi: &Path, kubelet: &Path, name: &str) -> Result<Pod> {
-        let target = kubelet.join(format!("pods/{name}/volumes/kubernetes.io~csi/v/mount"));
-        std::fs::create_dir_all(target.parent().unwrap())?;
-        let req = NodePublishVolumeRequest {
-            volume_id: format!("v-{name}"),
-            target_path: target.display().to_string(),
-            volume_capability: Some(mount_cap()),
-            volume_context: pod_ctx(name, "ci"),
-            ..Default::default()
-        };
-        node(csi).await?.node_publish_volume(req).await.map_err(|s| anyhow!("NodePublishVolume: {}", s.message()))?;
-        let mount = env::register(env::Undo::Mount(target.clone()));
-        Ok(Pod { name: name.into(), target, _mount: mount })
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.target.join("buildkitd.sock")
-    }
-
-    /// NodeUnpublishVolume (the pod is gone: its instance is reaped).
-    async fn unpublish(self, csi: &Path) -> Result<()> {
-        let req = NodeUnpublishVolumeRequest {
-            volume_id: format!("v-{}", self.name),
-            target_path: self.target.display().to_string(),
-        };
-        node(csi)
-            .await?
-            .node_unpublish_volume(req)
-            .await
-            .map_err(|s| anyhow!("NodeUnpublishVolume: {}", s.message()))?;
-        Ok(())
-    }
-}
 
 fn instances(agent: &BenchAgent) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(agent.state_dir.join("instances"))
