@@ -1,6 +1,7 @@
 //! The agent's few spare disk images (see `berth_shim::disk::spare`):
-//! copied from the template and bound to a loop device by a background
-//! thread, so that an instance's start only renames and mounts one. Kept
+//! copied from the template, bound to a loop device and mounted (detached)
+//! by a background thread, so that an instance's start only renames and
+//! attaches one. Kept
 //! full to [`WANT`]; a start that finds none makes its image inline, as
 //! without spares, and the pool refills behind it.
 //!
@@ -8,8 +9,8 @@
 //! instance's `spawn::prepare` takes one (from then on it is that
 //! instance's image, released by its teardown), and [`Spares::close`] drops
 //! the rest when the agent ends. An agent that dies holds their devices
-//! only through its fds (the kernel unbinds them); their files are swept at
-//! the next start (`recover`).
+//! and detached mounts only through its fds (the kernel unmounts and
+//! unbinds them); their files are swept at the next start (`recover`).
 #![forbid(unsafe_code)]
 
 use berth_shim::disk::spare::{self, Spare};
@@ -34,6 +35,8 @@ pub struct Spares {
     closed: AtomicBool,
     /// "disk spares ready" is logged once, when the pool is first full.
     announced: AtomicBool,
+    /// A spare the kernel would not mount ahead is logged once.
+    told_unmounted: AtomicBool,
     seq: AtomicU64,
 }
 
@@ -52,6 +55,7 @@ impl Spares {
             filling: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             announced: AtomicBool::new(false),
+            told_unmounted: AtomicBool::new(false),
             seq: AtomicU64::new(0),
         });
         pool.refill();
@@ -90,6 +94,15 @@ impl Spares {
                 match made {
                     Ok(s) => {
                         debug!(dev = %s.dev().display(), ms = t.elapsed().as_secs_f64() * 1e3, "disk spare made");
+                        if let Some(why) = s.unmounted() {
+                            if !pool.told_unmounted.swap(true, Ordering::SeqCst) {
+                                info!(
+                                    error = why,
+                                    "disk spares are bound but not mounted ahead (the new mount API is refused): \
+                                     each start mounts its filesystem, 1-10 ms more"
+                                );
+                            }
+                        }
                         let n = {
                             let mut ready = pool.ready.lock().unwrap_or_else(|e| e.into_inner());
                             ready.push(s);
