@@ -12,7 +12,7 @@ mod instance;
 use instance::*;
 
 use berth_shim::cgroup;
-use berth_shim::spec::{CgroupVersion, PidStamp, DAEMON_PID_FILE};
+use berth_shim::spec::{CgroupVersion, PidStamp, DAEMON_LOG_FILE, DAEMON_PID_FILE};
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -100,6 +100,11 @@ fn start_and_check(refuse_clone3: bool) -> Vec<String> {
         assert!(has(&steps, "cgroup") && !has(&steps, "cgroup.into"), "moved into its cgroup: {steps:?}");
     }
     let refused_line = log.iter().any(|l| l.contains("could not be born in its cgroup"));
+    // The daemon is exec'd, not yet run: its "hi" first (under emulation in
+    // the v2 lane, the end could come before the shell got to it).
+    wait_for("hi in daemon.log", || {
+        fs::read_to_string(inst.dir.join(DAEMON_LOG_FILE)).unwrap_or_default().contains("hi")
+    });
     drop(child.stdin.take());
     let (out, status) = outcome(child);
     assert!(out.leftovers.is_empty() && out.error.is_none() && status.success(), "{out:?}");
