@@ -4,16 +4,23 @@
 
 use super::*;
 
-/// The super options of the filesystem mounted at `at` (the last field of
-/// its /proc/self/mountinfo line).
-fn super_options(at: &Path) -> String {
+/// Whether the filesystem mounted at `at` has `nobarrier` among its super
+/// options (the shim library's mountinfo parser).
+fn nobarrier(at: &Path) -> bool {
     let table = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let want = at.display().to_string();
-    let line = table
-        .lines()
-        .find(|l| l.split(' ').nth(4) == Some(want.as_str()))
-        .unwrap_or_else(|| panic!("nothing mounted at {want}:\n{table}"));
-    line.rsplit(' ').next().unwrap().to_string()
+    let fs = berth_shim::mountinfo::parse_fs(&table).into_iter().find(|e| e.mount_point == at);
+    let fs = fs.unwrap_or_else(|| panic!("nothing mounted at {}:\n{table}", at.display()));
+    fs.super_options.iter().any(|o| o == "nobarrier")
+}
+
+/// The start steps of the instance in `dir`, from its `instance ready` line.
+fn ready_steps(logs: &[serde_json::Value], dir: &Path) -> String {
+    let id = dir.file_name().unwrap().to_string_lossy().to_string();
+    let ready = logs
+        .iter()
+        .find(|v| v["message"] == "instance ready" && v["span"]["instance"] == id.as_str())
+        .unwrap_or_else(|| panic!("no ready line for {id}"));
+    ready["steps"].as_str().unwrap_or_default().to_string()
 }
 
 /// Files directly below `dir`'s subdirs (the spare images of each agent).
@@ -74,12 +81,7 @@ async fn spare_images_are_never_shared_and_are_swept_after_agent_sigkill() {
     // say which path the start took).
     let logs = agent.logs();
     for d in &dirs {
-        let id = d.file_name().unwrap().to_string_lossy().to_string();
-        let ready = logs
-            .iter()
-            .find(|v| v["message"] == "instance ready" && v["span"]["instance"] == id.as_str())
-            .unwrap_or_else(|| panic!("no ready line for {id}"));
-        let steps = ready["steps"].as_str().unwrap_or_default();
+        let steps = ready_steps(&logs, d);
         assert!(
             steps.contains("disk.spare="),
             "{} was not made from a spare (spares at the start {:?}; steps {steps})",
@@ -87,9 +89,8 @@ async fn spare_images_are_never_shared_and_are_swept_after_agent_sigkill() {
             spare_devs
         );
         // Mounted ahead: the start only attached it.
-        assert!(steps.contains("disk.attach=") && !steps.contains("disk.mount="), "{id}: {steps}");
-        let opts = super_options(&d.join(berth_shim::spec::ROOT_DIR));
-        assert!(opts.split(',').any(|o| o == "nobarrier"), "{id}: {opts}");
+        assert!(steps.contains("disk.attach=") && !steps.contains("disk.mount="), "{}: {steps}", d.display());
+        assert!(nobarrier(&d.join(berth_shim::spec::ROOT_DIR)), "{}", d.display());
     }
     // Each filesystem holds its own build's files and nothing of the other.
     let has = |d: &PathBuf, sub: &str| d.join(berth_shim::spec::ROOT_DIR).join(sub).is_dir();
@@ -162,15 +163,8 @@ async fn without_the_new_mount_api_a_start_mounts_its_spare() {
     assert_eq!(dirs.len(), 1, "{dirs:?}");
     let root = dirs[0].join(berth_shim::spec::ROOT_DIR);
     assert!(root.join("a").is_dir(), "the build wrote to its own filesystem");
-    let opts = super_options(&root);
-    assert!(opts.split(',').any(|o| o == "nobarrier"), "{opts}");
-    let id = dirs[0].file_name().unwrap().to_string_lossy().to_string();
-    let logs = agent.logs();
-    let ready = logs
-        .iter()
-        .find(|v| v["message"] == "instance ready" && v["span"]["instance"] == id.as_str())
-        .unwrap_or_else(|| panic!("no ready line for {id}"));
-    let steps = ready["steps"].as_str().unwrap_or_default();
+    assert!(nobarrier(&root), "the start's own mount has the same options");
+    let steps = ready_steps(&agent.logs(), &dirs[0]);
     assert!(
         steps.contains("disk.spare=") && steps.contains("disk.mount=") && !steps.contains("disk.attach="),
         "{steps}"
