@@ -76,8 +76,12 @@ fn attach(
     match ctx.registry.attach(client, draining, new) {
         Attach::Joined(i) => Ok(Some(i)),
         Attach::Claimed(i) => {
-            // The replacement starts in the background.
-            crate::warm::refill(ctx);
+            // The replacement starts in the background; a sandbox's once
+            // its daemon answers (life.rs), so that making it never competes
+            // with the start this client waits for.
+            if !i.held {
+                crate::warm::refill(ctx);
+            }
             Ok(Some(i))
         }
         Attach::Created(i) => {

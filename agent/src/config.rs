@@ -190,6 +190,17 @@ pub enum Scope {
     Connection,
 }
 
+/// How far a warm instance is started ahead (`--warm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WarmStage {
+    /// The daemon runs and answers: a claim serves at once.
+    Daemon,
+    /// Everything but the daemon (namespaces, cgroup, network, disk), its
+    /// child held before exec: a claim execs a fresh daemon, no daemon
+    /// memory is held while the instance waits.
+    Sandbox,
+}
+
 /// How a CSI pod's socket reaches its daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PodSockets {
@@ -277,6 +288,9 @@ pub struct RunArgs {
     /// Fresh instances kept started ahead for new clients (counted in the slots).
     #[arg(long, env = "BERTH_WARM", default_value_t = 0)]
     pub warm: usize,
+    /// How far warm instances are started: a running daemon, or a sandbox whose daemon execs at the claim.
+    #[arg(long, env = "BERTH_WARM_STAGE", value_enum, default_value_t = WarmStage::Daemon)]
+    pub warm_stage: WarmStage,
     /// Clients beyond the slots wait in a FIFO queue of at most this many; 0: no queue.
     #[arg(long, env = "BERTH_QUEUE_SIZE", default_value_t = 16)]
     pub queue_size: usize,

@@ -20,10 +20,15 @@
 //! the reaper watches as for proxied connections. When the instance is
 //! wiped the agent watches the listener again.
 //!
-//! The warm pool does not serve pod sockets (docs/compatibility.md, "Warm
-//! pool and pod sockets"): a daemon takes its activation fds only at start,
-//! so a warm one would have to be started on a listener of its own and
-//! that listener moved onto the pod's path at claim (rename(2) does that
+//! A warm sandbox (`--warm-stage sandbox`) serves a pod's socket: its
+//! daemon has not exec'd, so the pod's listener goes to it with the go
+//! (SCM_RIGHTS on the shim's lifeline, then on the handshake to the held
+//! child) and the daemon starts on it as a cold one would.
+//!
+//! A warm daemon (`--warm-stage daemon`) does not (docs/compatibility.md,
+//! "Warm pool and pod sockets"): a daemon takes its activation fds only at
+//! start, so a warm one would have to be started on a listener of its own
+//! and that listener moved onto the pod's path at claim (rename(2) does that
 //! atomically). But the claim happens at the pod's first connection, which
 //! is then already queued on the pod's own listener, and a queued connection
 //! cannot move to another listener: the agent would have to accept it and
@@ -31,7 +36,8 @@
 //! is the whole build. Claiming at NodePublishVolume instead (before any
 //! connection) would hold a slot from volume setup until the pod's first
 //! build, with no way to tell "not connected yet" from "done" for the idle
-//! timeout. So a pod's instance always starts here, with the pod's listener.
+//! timeout. So without a sandbox, a pod's instance starts here, with the
+//! pod's listener.
 
 pub mod diag;
 pub mod netns;
@@ -173,8 +179,17 @@ async fn admit(
         return Err(e);
     }
     crate::disk::admit(ctx)?;
-    // The warm pool never serves a pod socket (see above), but its unclaimed
-    // instances hold slots: one gives its slot up when none is free.
+    // A held warm sandbox takes the pod's listener with its go (its slot
+    // is the pool's); the pool makes a replacement once its daemon answers.
+    if let Some(inst) = ctx.registry.claim_sandbox(client, fd) {
+        let span = tracing::info_span!(parent: None, "handoff", instance = %inst.id);
+        tokio::spawn(count_conns(ctx.clone(), inst.clone(), fd.clone(), file).instrument(span));
+        info!(instance = %inst.id, client = %client.display, "pod's socket handed to a warm sandbox");
+        return Ok(inst);
+    }
+    // A daemon-stage warm instance never serves a pod socket (see above),
+    // but the unclaimed ones hold slots: one gives its slot up when none is
+    // free.
     if ctx.slots.available_permits() == 0 {
         if let Some(warm) = ctx.registry.retire_one_warm() {
             info!(instance = %warm.id, client = %client.display, "an unclaimed warm instance ends to free a slot for a pod socket");

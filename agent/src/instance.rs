@@ -15,6 +15,9 @@ pub struct Instance {
     pub dir: PathBuf,
     /// Started ahead for the warm pool, without a client.
     pub warm: bool,
+    /// A warm sandbox (`--warm-stage sandbox`): its shim holds the child
+    /// before exec, and the claim starts the daemon.
+    pub held: bool,
     pub created: Instant,
     /// Who the instance serves: None while a warm instance is unclaimed.
     client: RwLock<Option<Client>>,
@@ -34,10 +37,20 @@ impl Instance {
     /// An instance for `client`, or a warm one (None) that a client claims
     /// later. Nothing runs yet: `life::launch` starts it.
     pub fn new(id: String, dir: PathBuf, client: Option<&Client>) -> Arc<Instance> {
+        Self::build(id, dir, client, false)
+    }
+
+    /// A warm sandbox: made ahead up to the daemon's exec.
+    pub fn sandbox(id: String, dir: PathBuf) -> Arc<Instance> {
+        Self::build(id, dir, None, true)
+    }
+
+    fn build(id: String, dir: PathBuf, client: Option<&Client>, held: bool) -> Arc<Instance> {
         Arc::new(Instance {
             id,
             dir,
             warm: client.is_none(),
+            held,
             created: Instant::now(),
             client: RwLock::new(client.cloned()),
             phase: watch::Sender::new(Phase::Starting),
@@ -58,20 +71,30 @@ impl Instance {
     }
 
     /// Hands a warm instance to its client; false if it was already taken
-    /// (or retired). A claim of an idle warm instance makes it `Ready`; one
-    /// still starting becomes `Ready` when its daemon answers. The phase's
-    /// lock orders this against `mark_ready`.
+    /// (or retired). A claim of an idle warm instance makes it `Ready` (a
+    /// held sandbox: `Starting`, its daemon starts now); one still starting
+    /// becomes `Ready` when its daemon answers. The phase's lock orders this
+    /// against `mark_ready` and `mark_held`.
     pub fn claim(&self, client: &Client) -> bool {
-        if !self.take(client, true) {
-            return false;
-        }
-        // Let another agent find the client's instance from files too.
+        self.take(client, true)
+    }
+
+    /// Records a warm instance's claim in its spec, so that another agent
+    /// finds the client's instance from files too. Called by the instance's
+    /// life after the claim (a sandbox's after its go), not by the claim:
+    /// a file read and write are no part of the start a client waits for.
+    pub fn record_claim(&self) {
+        let client = self.client();
         if let Ok(mut spec) = berth_shim::spec::Spec::load(&self.dir) {
             spec.client = client.display.clone();
             spec.client_key = client.key.clone();
-            let _ = spec.store();
+            // A sandbox claimed by a pod's socket: its daemon serves the
+            // pod's listener (recorded as for any fd-passed instance).
+            spec.listen_fd = self.listener.get().is_some();
+            if let Err(e) = spec.store() {
+                tracing::warn!(instance = %self.id, error = %e, "could not record the claim in the spec");
+            }
         }
-        true
     }
 
     /// Marks an unclaimed warm instance as ending unclaimed; false if a
@@ -90,7 +113,7 @@ impl Instance {
             *c = Some(client.clone());
             won = true;
             if serve && matches!(p, Phase::WarmIdle) {
-                *p = Phase::Ready;
+                *p = if self.held { Phase::Starting } else { Phase::Ready };
                 return true;
             }
             false
@@ -102,6 +125,18 @@ impl Instance {
     pub fn mark_ready(&self) {
         self.phase.send_modify(|p| {
             *p = if self.is_claimed() { Phase::Ready } else { Phase::WarmIdle };
+        });
+    }
+
+    /// A sandbox is made and held: `WarmIdle` for the pool; one claimed
+    /// while it was made stays `Starting` (its daemon starts now).
+    pub fn mark_held(&self) {
+        self.phase.send_if_modified(|p| match self.is_claimed() {
+            true => false,
+            false => {
+                *p = Phase::WarmIdle;
+                true
+            }
         });
     }
 

@@ -4,13 +4,14 @@
 //! slot and alone releases it, after the wipe.
 
 use crate::client::Client;
-use crate::config::Scope;
+use crate::config::{Scope, WarmStage};
 use crate::instance::Instance;
 use crate::phase::{EndReason, Phase};
 use crate::reap::{self, EndCause};
 use crate::shim::Shim;
 use crate::spawn;
 use crate::Ctx;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
@@ -20,10 +21,22 @@ use tracing::{info, warn, Instrument};
 /// trying again, so a broken daemon does not spin.
 pub const WARM_FAILURE_BACKOFF: Duration = Duration::from_secs(5);
 
+/// How long after a claimed sandbox's daemon answers the pool starts making
+/// its replacement: the client's first exchange with the daemon (HTTP/2
+/// settings, the session's first calls) happens in the first milliseconds,
+/// and the making (files, cgroup, a fork and exec, a clone into new
+/// namespaces, a veth) takes a few milliseconds of CPU that would compete
+/// with it on a small node.
+pub const REFILL_AFTER_READY: Duration = Duration::from_millis(50);
+
 /// A new instance for `client` (None: a warm one), with its id and dir.
 pub fn new_instance(ctx: &Ctx, client: Option<&Client>) -> Arc<Instance> {
     let id = crate::sys::random_id();
-    Instance::new(id.clone(), ctx.instances_dir().join(&id), client)
+    let dir = ctx.instances_dir().join(&id);
+    match (client, ctx.run.warm_stage) {
+        (None, WarmStage::Sandbox) => Instance::sandbox(id, dir),
+        _ => Instance::new(id, dir, client),
+    }
 }
 
 /// Runs the instance's life in a tracked task, holding `slot` until wiped.
@@ -62,27 +75,26 @@ async fn run_life(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> EndReason {
             return EndReason::Error;
         }
     };
-    match spawn::wait_ready(ctx, inst, &mut shim).await {
-        Ok(via) => {
-            info!(start_ms = inst.created.elapsed().as_millis() as u64, client = %inst.client().display, via = via.as_str(), steps = %shim.start_steps, "instance ready");
-            ctx.metrics.ready(via.as_str());
-            if !inst.warm {
-                ctx.metrics.start_seconds.observe(inst.created.elapsed().as_secs_f64());
-            }
-            inst.mark_ready();
+    // A sandbox is made up to the daemon's exec; any other instance starts
+    // its daemon now.
+    let made = match inst.held {
+        true => spawn::held::wait(ctx, inst, &mut shim).await.map(|()| {
+            info!(client = %inst.client().display, steps = %shim.start_steps, "sandbox held");
+            inst.mark_held();
+        }),
+        false => spawn::wait_ready(ctx, inst, &mut shim).await.map(|via| became_ready(ctx, inst, &shim, via, None)),
+    };
+    if let Err((e, outcome)) = made {
+        if !inst.warm {
+            ctx.registry.note_failure(&inst.client(), &e);
         }
-        Err((e, outcome)) => {
-            if !inst.warm {
-                ctx.registry.note_failure(&inst.client(), &e);
-            }
-            ctx.registry.unregister(inst, true);
-            inst.set_phase(Phase::Failed(e.clone()));
-            if inst.warm {
-                warn!("a warm instance failed to start; the pool retries in {WARM_FAILURE_BACKOFF:?}");
-                ctx.registry.warm_failed(WARM_FAILURE_BACKOFF);
-            }
-            return reap::record(ctx, inst, EndCause::StartFailed(e.to_string()), outcome.as_ref());
+        ctx.registry.unregister(inst, true);
+        inst.set_phase(Phase::Failed(e.clone()));
+        if inst.warm {
+            warn!("a warm instance failed to start; the pool retries in {WARM_FAILURE_BACKOFF:?}");
+            ctx.registry.warm_failed(WARM_FAILURE_BACKOFF);
         }
+        return reap::record(ctx, inst, EndCause::StartFailed(e.to_string()), outcome.as_ref());
     }
     // A warm instance waits for its client; the pool's leftovers end when
     // the agent starts draining.
@@ -90,6 +102,44 @@ async fn run_life(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> EndReason {
         inst.set_phase(Phase::Ending { note: None });
         let outcome = shim.stop(ctx).await;
         return reap::record(ctx, inst, cause, outcome.as_ref());
+    }
+    if inst.warm {
+        ctx.metrics.warm_claimed(if inst.held { "sandbox" } else { "daemon" });
+    }
+    if inst.warm && !inst.held {
+        inst.record_claim();
+    }
+    // A claimed sandbox: its daemon execs now, and the client waits for it
+    // as for a cold start (its phase is `Starting`).
+    if inst.held {
+        let go = std::time::Instant::now();
+        let listener = inst.listener.get().map(|l| l.as_fd());
+        let ready = match shim.go(listener) {
+            Ok(()) => spawn::wait_ready(ctx, inst, &mut shim).await,
+            Err(e) => Err(spawn::held::go_failed(ctx, inst, &mut shim, e).await),
+        };
+        // The pool's replacement starts after this start's first exchange
+        // (not at the claim, where making it would compete with this start
+        // for the CPU; see REFILL_AFTER_READY).
+        let c = ctx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(REFILL_AFTER_READY).await;
+            c.warm_wanted.notify_one();
+        });
+        match ready {
+            Ok(via) => {
+                became_ready(ctx, inst, &shim, via, Some(go));
+                // Off the start's path: files, after the daemon answers.
+                inst.record_claim();
+            }
+            Err((e, outcome)) => {
+                // The client's start failed, as a cold one would have.
+                ctx.registry.note_failure(&inst.client(), &e);
+                ctx.registry.unregister(inst, true);
+                inst.set_phase(Phase::Failed(e.clone()));
+                return reap::record(ctx, inst, EndCause::StartFailed(e.to_string()), outcome.as_ref());
+            }
+        }
     }
     // A client of one connection (connection scope, or a peer the agent
     // cannot tell apart from others) ends with its connection.
@@ -103,6 +153,24 @@ async fn run_life(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> EndReason {
     inst.set_phase(Phase::Ending { note: None });
     let outcome = shim.stop(ctx).await;
     reap::record(ctx, inst, cause, outcome.as_ref())
+}
+
+/// The daemon answers: log, count, and make the instance `Ready` (or
+/// `WarmIdle`). `go`: when a claimed sandbox's daemon was told to exec (its
+/// start counts from there).
+fn became_ready(ctx: &Ctx, inst: &Instance, shim: &Shim, via: spawn::ReadyVia, go: Option<std::time::Instant>) {
+    let start_ms = go.map_or(inst.created, |g| g).elapsed().as_millis() as u64;
+    if let Some(g) = go {
+        ctx.metrics.sandbox_start_seconds.observe(g.elapsed().as_secs_f64());
+    }
+    let steps = if go.is_some() { "held=sandbox" } else { shim.start_steps.as_str() };
+    // First: connections waiting on the instance go on while this logs.
+    inst.mark_ready();
+    info!(start_ms, client = %inst.client().display, via = via.as_str(), steps = %steps, "instance ready");
+    ctx.metrics.ready(via.as_str());
+    if !inst.warm {
+        ctx.metrics.start_seconds.observe(inst.created.elapsed().as_secs_f64());
+    }
 }
 
 /// For a warm instance, waits until a client claims it (None: serve), the

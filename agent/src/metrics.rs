@@ -30,6 +30,11 @@ pub struct DirectionLabel {
     pub direction: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabel {
+    pub stage: String,
+}
+
 // bkconfig (issue 16): the operator's buildkitd.toml fragment.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HashLabel {
@@ -68,6 +73,10 @@ pub struct Metrics {
     pub handoff_count_failures: Family<ReasonLabel, Counter>,
     /// Handed-off instances whose last count failed (kept as in use).
     pub handoff_uncounted: Gauge,
+    /// Warm instances claimed by a client, by stage (daemon, sandbox).
+    pub warm_claims: Family<StageLabel, Counter>,
+    /// A claimed sandbox: from its go to a daemon that answers.
+    pub sandbox_start_seconds: Histogram,
 }
 
 /// The reasons of `handoff_count_failures` (every label of
@@ -109,6 +118,9 @@ impl Metrics {
             ready: Family::default(),
             handoff_count_failures: Family::default(),
             handoff_uncounted: Gauge::default(),
+            warm_claims: Family::default(),
+            // 0.5 ms .. ~8 s
+            sandbox_start_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
             registry: Registry::default(),
         };
         registry.register("slots", "Build slots on this node", m.slots_total.clone());
@@ -186,6 +198,15 @@ impl Metrics {
             "Handed-off pod instances whose last connection count failed: not reaped when idle, ended when the pod's volume is unpublished",
             m.handoff_uncounted.clone(),
         );
+        registry.register("warm_claims", "Warm instances claimed by a client, by stage", m.warm_claims.clone());
+        registry.register(
+            "sandbox_start_seconds",
+            "A claimed warm sandbox: from its go to a daemon that answers",
+            m.sandbox_start_seconds.clone(),
+        );
+        for s in ["daemon", "sandbox"] {
+            let _ = m.warm_claims.get_or_create(&StageLabel { stage: s.into() });
+        }
         for l in ["memory", "pids", "disk"] {
             let _ = m.limit_hits.get_or_create(&ReasonLabel { reason: l.into() });
         }
@@ -228,6 +249,11 @@ impl Metrics {
         self.ready.get_or_create(&ViaLabel { via: via.into() }).inc();
     }
 
+    /// `stage` is "daemon" or "sandbox" (a bounded label).
+    pub fn warm_claimed(&self, stage: &'static str) {
+        self.warm_claims.get_or_create(&StageLabel { stage: stage.into() }).inc();
+    }
+
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -256,6 +282,13 @@ mod tests {
         assert!(text.contains("berth_instance_start_seconds_count 1"), "{text}");
         assert!(text.contains("berth_instance_ready_total{via=\"notify\"} 1"), "{text}");
         assert!(text.contains("berth_instance_ready_total{via=\"probe\"} 0"), "{text}");
+        assert!(text.contains("berth_warm_claims_total{stage=\"sandbox\"} 0"), "{text}");
+        m.warm_claimed("sandbox");
+        m.sandbox_start_seconds.observe(0.002);
+        let text = m.encode();
+        assert!(text.contains("berth_warm_claims_total{stage=\"sandbox\"} 1"), "{text}");
+        assert!(text.contains("berth_warm_claims_total{stage=\"daemon\"} 0"), "{text}");
+        assert!(text.contains("berth_sandbox_start_seconds_count 1"), "{text}");
         m.handoff_count_failed("daemon_fds");
         let text = m.encode();
         assert!(text.contains("berth_handoff_count_failures_total{reason=\"daemon_fds\"} 1"), "{text}");

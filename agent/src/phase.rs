@@ -5,10 +5,12 @@
 //! ```text
 //! Starting --ready, claimed--> Ready --end--> Ending{note} --wiped--> Wiped{..}
 //!    |  \--ready, warm--> WarmIdle --claim--> Ready
+//!    |  \--held, sandbox--> WarmIdle --claim--> Starting (its daemon execs)
 //!    \--failed--> Failed --wiped--> Wiped{failure}
 //! ```
 //! Only the instance's life task moves it forward, except a claim, which
-//! moves `WarmIdle` to `Ready` (see `Instance::claim`).
+//! moves `WarmIdle` to `Ready`, or a held sandbox's back to `Starting` (see
+//! `Instance::claim`).
 
 use crate::error::AdmitError;
 
@@ -16,7 +18,8 @@ use crate::error::AdmitError;
 pub enum Phase {
     /// Spawned, the daemon not answering yet.
     Starting,
-    /// A warm instance whose daemon answers, waiting for a client.
+    /// A warm instance whose daemon answers (or a warm sandbox, made up to
+    /// its daemon's exec), waiting for a client.
     WarmIdle,
     /// Serving its client.
     Ready,

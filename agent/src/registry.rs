@@ -96,6 +96,28 @@ impl Registry {
         found
     }
 
+    /// A pod's socket claims a held warm sandbox, if the pool has one: the
+    /// pod's listener goes with its go (handoff.rs), so its daemon serves
+    /// the pod from its exec. The listener is set before the claim makes the
+    /// sandbox `Starting`, under the registry lock; counts one connection,
+    /// as `attach` does. Daemon-stage warm instances are never taken here (a
+    /// running daemon cannot take a listener).
+    pub fn claim_sandbox(&self, client: &Client, listener: &Arc<std::os::fd::OwnedFd>) -> Option<Arc<Instance>> {
+        let mut inner = self.lock();
+        if inner.by_client.contains_key(&client.key) {
+            return None;
+        }
+        let at = inner.warm.iter().position(|i| i.held && !i.phase.borrow().is_over() && i.listener.get().is_none())?;
+        let inst = inner.warm.remove(at).expect("position is in range");
+        if inst.listener.set(listener.clone()).is_err() || !inst.claim(client) {
+            return None;
+        }
+        info!(instance = %inst.id, client = %client.display, "claimed a warm sandbox for a pod's socket");
+        inner.by_client.insert(client.key.clone(), inst.clone());
+        inst.conns.send_modify(|c| *c += 1);
+        Some(inst)
+    }
+
     /// Takes the oldest live warm instance for `client`.
     fn claim_warm(inner: &mut Inner, client: &Client) -> Option<Arc<Instance>> {
         while let Some(inst) = inner.warm.pop_front() {

@@ -1,12 +1,14 @@
 //! The agent's handle on one running `berth-shim run`: its pid, its
-//! lifeline (stdin: dropping it tells the shim the agent is gone), and its
-//! report (one JSON `Outcome` line on stdout). Spawn creates it, readiness
-//! and reap wait on it and ask it to stop.
+//! lifeline (stdin: dropping it tells the shim the agent is gone; a warm
+//! sandbox's is a unix socket, and its go one byte on it), and its report (one JSON `Outcome` line
+//! on stdout, after the `held` line of a sandbox). Spawn creates it,
+//! readiness and reap wait on it and ask it to stop.
 
 use crate::sys;
 use crate::Ctx;
 use berth_shim::spec::Outcome;
 use nix::sys::signal::Signal;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -27,6 +29,12 @@ pub struct Shim {
     _lifeline: Option<ChildStdin>,
     done: Option<oneshot::Receiver<Option<Outcome>>>,
     outcome: Option<Option<Outcome>>,
+    /// A sandbox's `held` line (`berth_shim::spec::HELD_LINE`).
+    held: Option<oneshot::Receiver<()>>,
+    /// A sandbox's lifeline, a unix socket instead of the stdin pipe: its go
+    /// may carry a pod's listener. Dropping it tells the shim the agent is
+    /// gone, as for the pipe.
+    pub go_line: Option<std::os::unix::net::UnixStream>,
     /// The agent's end of the daemon's NOTIFY_SOCKET until it is ready
     /// (notify.rs); taken by `spawn::wait_ready`.
     pub notify: Option<crate::notify::Notify>,
@@ -41,6 +49,7 @@ impl Shim {
         let stdout = child.stdout.take();
         let pid = child.id();
         let (tx, rx) = oneshot::channel();
+        let (held_tx, held_rx) = oneshot::channel();
         let tag = id.clone();
         // Tracked, so the agent exits only after its shims have: an agent
         // that is pid 1 of its pid namespace (a pod without hostPID) would
@@ -50,9 +59,16 @@ impl Shim {
             // then still empties the instance's trash entry before it exits,
             // and the slot need not wait for that.
             let mut tx = Some(tx);
+            let mut held_tx = Some(held_tx);
             if let Some(out) = stdout {
                 let mut lines = BufReader::new(out).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
+                    if line == berth_shim::spec::HELD_LINE {
+                        if let Some(h) = held_tx.take() {
+                            let _ = h.send(());
+                        }
+                        continue;
+                    }
                     match serde_json::from_str::<Outcome>(&line) {
                         Ok(o) => {
                             if let Some(tx) = tx.take() {
@@ -78,6 +94,8 @@ impl Shim {
             _lifeline: lifeline,
             done: Some(rx),
             outcome: None,
+            held: Some(held_rx),
+            go_line: None,
             notify: None,
             start_steps: String::new(),
         }
@@ -96,6 +114,26 @@ impl Shim {
         self.done = None;
         self.outcome = Some(o.clone());
         o
+    }
+
+    /// Resolves `Ok` when a sandbox's shim says it holds (`Spec::hold`);
+    /// `Err` if the shim's report ended without the line. Taken once.
+    pub fn take_held(&mut self) -> Option<oneshot::Receiver<()>> {
+        self.held.take()
+    }
+
+    /// Tells a held sandbox's shim to exec the daemon: one byte on its
+    /// lifeline, carrying the pod's listener when a pod's socket claimed
+    /// it. A one-byte send on an empty socket does not block.
+    pub fn go(&mut self, listener: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let line = self.go_line.as_ref().ok_or_else(|| std::io::Error::other("the shim has no sandbox lifeline"))?;
+        let fds: Vec<_> = listener.iter().map(|l| l.as_raw_fd()).collect();
+        let cmsg: Vec<_> = listener.iter().map(|_| ControlMessage::ScmRights(&fds)).collect();
+        let byte = [berth_shim::spec::GO_BYTE];
+        sendmsg::<()>(line.as_raw_fd(), &[std::io::IoSlice::new(&byte)], &cmsg, MsgFlags::MSG_NOSIGNAL, None)
+            .map(drop)
+            .map_err(std::io::Error::from)
     }
 
     /// Asks the shim to tear down and waits for its outcome. A shim that does

@@ -14,6 +14,7 @@
 //! into the shim's wipe.
 
 pub mod buildkitd;
+pub mod held;
 pub mod tools;
 
 use crate::error::{AdmitError, SpawnError};
@@ -79,12 +80,24 @@ async fn start_shim(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, SpawnE
         let fds = vec![FdMapping { parent_fd: mapped, child_fd: spec::LISTEN_FD }];
         cmd.fd_mappings(fds).expect("one mapping cannot collide");
     }
+    // A sandbox's lifeline is a unix socket: its go may carry a pod's
+    // listener (SCM_RIGHTS). Others have a pipe.
+    let (stdin, go_line) = match inst.held {
+        true => match std::os::unix::net::UnixStream::pair() {
+            Ok((ours, theirs)) => (Stdio::from(std::os::fd::OwnedFd::from(theirs)), Some(ours)),
+            Err(source) => {
+                release(&spec, &ctx.run.host.proc_root);
+                return Err(SpawnError::Exec { path: ctx.shim.clone(), source });
+            }
+        },
+        false => (Stdio::piped(), None),
+    };
     let child = cmd
         .arg("run")
         .arg(dir)
         .arg("--proc-root")
         .arg(&ctx.run.host.proc_root)
-        .stdin(Stdio::piped())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn();
@@ -92,6 +105,7 @@ async fn start_shim(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, SpawnE
         Ok(child) => {
             steps.mark("shim_spawn");
             let mut shim = Shim::new(child, inst.id.clone(), dir.clone(), &ctx.tasks);
+            shim.go_line = go_line;
             shim.notify = Some(notify);
             shim.start_steps = steps.render();
             Ok(shim)
@@ -149,6 +163,9 @@ fn prepare(ctx: &Ctx, inst: &Instance) -> Result<(Spec, Steps), SpawnError> {
             .then(|| DiskSpec::new(dir, dir.join(spec::ROOT_DIR), ctx.run.limits.build_disk)),
         network,
         listen_fd: inst.listener.get().is_some(),
+        hold: inst.held,
+        // A pod's socket may claim the sandbox: its listener comes with the go.
+        hold_fd_args: if inst.held { FD_ADDR.map(String::from).to_vec() } else { Vec::new() },
     };
     // bkconfig: one fragment for both the config and the copies it names.
     let fragment = ctx.bkconfig.current();
@@ -229,12 +246,15 @@ fn release(spec: &Spec, proc_root: &Path) {
     }
 }
 
+/// The daemon's listener handed as fd 3 (socket activation).
+const FD_ADDR: [&str; 2] = ["--addr", "fd://"];
+
 fn daemon_args(ctx: &Ctx, dir: &Path, socket: &Path, root: &Path, listen_fd: bool) -> Vec<String> {
     let mut args = vec!["--addr".to_string(), format!("unix://{}", socket.display())];
     // Handoff hook (issue 15): the pod's listener too (fd 3); the daemon
     // serves every --addr, and readiness still probes the instance socket.
     if listen_fd {
-        args.extend(["--addr".to_string(), "fd://".to_string()]);
+        args.extend(FD_ADDR.map(String::from));
     }
     args.extend([
         "--root".to_string(),
@@ -380,6 +400,6 @@ fn probe_interval(since_start: Duration) -> Duration {
 }
 
 /// The stderr tail with a plain-words hint appended when one matches.
-fn with_hint(tail: &str) -> String {
+pub(crate) fn with_hint(tail: &str) -> String {
     format!("{}{}", tail.trim_end(), crate::hints::for_stderr(tail))
 }

@@ -15,8 +15,13 @@
 //!
 //! The daemon's stdout and stderr are a pipe the shim copies to daemon.log,
 //! up to the spec's cap (see `output`).
+//!
+//! A sandbox of the warm pool (`Spec::hold`) stops before the handshake
+//! byte: everything of the start is made, the child waits before exec, and
+//! the agent's go on the lifeline sends the byte (see `hold`).
 
 mod child;
+mod hold;
 mod output;
 mod supervise;
 
@@ -32,6 +37,7 @@ use nix::sched::CloneFlags;
 use nix::sys::prctl;
 use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType};
 use nix::sys::stat::Mode;
 use nix::unistd::{pipe2, write, Pid};
 use output::Output;
@@ -70,6 +76,8 @@ pub enum RunError {
     WrongDir { dir: PathBuf, spec_dir: PathBuf },
     #[error("{proc}: the shim has {threads} threads, clone needs exactly one")]
     Threads { proc: PathBuf, threads: usize },
+    #[error("daemon pid {pid}: the sandbox's setup failed: {why}")]
+    SandboxSetup { pid: Pid, why: String },
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
     #[error("isolated network: {0}")]
@@ -87,9 +95,9 @@ pub const OUTPUT_DRAIN_WAIT: Duration = Duration::from_millis(500);
 /// A started daemon: its host pid and the parent's pipe ends.
 struct Started {
     pid: Pid,
-    /// Held for the shim's whole life: the child takes a hangup on it as
-    /// the shim's death (see child::setup).
-    _sync_w: OwnedFd,
+    /// The handshake's write end, held for the shim's whole life: the
+    /// child takes a hangup on it as the shim's death (see child::setup).
+    sync_w: OwnedFd,
     /// EOF when exec succeeded, the failing step otherwise.
     err_r: OwnedFd,
     /// The daemon's stdout and stderr, copied to daemon.log.
@@ -132,26 +140,49 @@ pub fn run(dir: &Path, proc_root: &Path) -> (Outcome, Option<std::path::PathBuf>
     let mut daemon = None;
     let mut grace = Duration::ZERO;
     let mut status = None;
-    // Kept until the daemon is gone (see Started::_sync_w).
+    // Kept until the daemon is gone (see Started::sync_w).
     let mut keep = None;
     match sigfd.and_then(|sigfd| start(&spec, dir, proc_root, &mut daemon, steps).map(|s| (sigfd, s))) {
         Ok((sigfd, mut s)) => {
-            crate::log!(
-                id,
-                "daemon pid {} started: {} (client {}); start steps: {}",
-                s.pid,
-                spec.daemon.display(),
-                spec.client,
-                s.steps.render()
-            );
-            let end = supervise::watch(id, &sigfd, s.pid, &s.err_r, &mut s.output);
+            // A sandbox of the warm pool waits here, made but not exec'd,
+            // until the agent's go (or its end).
+            let held = match spec.hold {
+                true => {
+                    let held = hold::wait(id, &sigfd, s.pid);
+                    s.steps.reset();
+                    held
+                }
+                false => Ok(None),
+            };
+            let released = match held {
+                Err(end) => Err(end),
+                Ok(listener) => handshake(&mut s, listener).map_err(|e| {
+                    crate::log!(id, "start failed: {e}");
+                    supervise::End { reason: EndReason::StartFailed, status: None, error: Some(e.to_string()) }
+                }),
+            };
+            let end = match released {
+                Ok(()) => {
+                    crate::log!(
+                        id,
+                        "daemon pid {} started: {} (client {}); start steps: {}",
+                        s.pid,
+                        spec.daemon.display(),
+                        spec.client,
+                        s.steps.render()
+                    );
+                    let end = supervise::watch(id, &sigfd, s.pid, &s.err_r, &mut s.output);
+                    // A daemon that never got to exec has no handler to run.
+                    if end.reason != EndReason::StartFailed {
+                        grace = Duration::from_millis(spec.stop_grace_ms);
+                    }
+                    end
+                }
+                Err(end) => end,
+            };
             out.reason = end.reason;
             out.error = end.error;
             status = end.status;
-            // A daemon that never got to exec has no handler to run.
-            if out.reason != EndReason::StartFailed {
-                grace = Duration::from_millis(spec.stop_grace_ms);
-            }
             keep = Some(s);
         }
         Err(e) => {
@@ -209,7 +240,7 @@ fn birth_cgroup(spec: &Spec) -> (Option<OwnedFd>, Option<String>) {
     }
 }
 
-/// Everything up to the handshake byte. On error, `daemon` holds the
+/// Everything up to the handshake byte (`handshake`). On error, `daemon` holds the
 /// child's pid if it was cloned; dropping the pipes makes it `_exit`.
 fn start(
     spec: &Spec,
@@ -239,7 +270,13 @@ fn start(
     // Orphans of the daemon's tree come to us, not to the host's init.
     prctl::set_child_subreaper(true).map_err(|errno| RunError::Sys { what: "prctl(PR_SET_CHILD_SUBREAPER)", errno })?;
     let pipe = || pipe2(OFlag::O_CLOEXEC).map_err(|errno| RunError::Sys { what: "pipe2", errno });
-    let (sync_r, sync_w) = pipe()?;
+    // A held sandbox's handshake may carry a pod's listener (SCM_RIGHTS):
+    // a unix socket pair then, a pipe otherwise.
+    let (sync_r, sync_w) = match spec.hold {
+        true => socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
+            .map_err(|errno| RunError::Sys { what: "socketpair", errno })?,
+        false => pipe()?,
+    };
     let (err_r, err_w) = pipe()?;
 
     steps.mark("setup");
@@ -338,11 +375,35 @@ fn start(
     let daemon_pid = dir.join(DAEMON_PID_FILE);
     let stamp = PidStamp::of(proc_root, pid.as_raw()).map_err(io_at(&proc_root.join(pid.to_string())))?;
     fs::write(&daemon_pid, stamp.render()).map_err(io_at(&daemon_pid))?;
-    match write(&sync_w, &[1]) {
+    if spec.hold {
+        hold::set_up(&spec.id, pid, &sync_w, &err_r)?;
+        steps.mark("child_setup");
+    }
+    Ok(Started { pid, sync_w, err_r, output, steps })
+}
+
+/// The handshake byte: the child becomes root of its namespace and execs.
+/// A held sandbox's wait is not part of its start: the step counts from
+/// here.
+fn handshake(s: &mut Started, listener: Option<OwnedFd>) -> Result<(), RunError> {
+    let pid = s.pid;
+    let sent = match &listener {
+        // A held sandbox's handshake is a unix socket (see `start`): the
+        // pod's listener goes to the child with the byte; the shim's copy
+        // is dropped right after, so only the daemon holds it.
+        Some(l) => {
+            let fds = [l.as_raw_fd()];
+            let cmsg = [ControlMessage::ScmRights(&fds)];
+            sendmsg::<()>(s.sync_w.as_raw_fd(), &[std::io::IoSlice::new(&[1])], &cmsg, MsgFlags::empty(), None)
+        }
+        None => write(&s.sync_w, &[1]),
+    };
+    drop(listener);
+    match sent {
         Ok(1) => {}
         Ok(_) => return Err(RunError::Child { pid, what: "handshake write", errno: Errno::EIO }),
         Err(errno) => return Err(RunError::Child { pid, what: "handshake write", errno }),
     }
-    steps.mark("handshake");
-    Ok(Started { pid, _sync_w: sync_w, err_r, output, steps })
+    s.steps.mark("handshake");
+    Ok(())
 }

@@ -146,7 +146,27 @@ pub struct Spec {
     /// old listener no longer has a path once the agent binds a new one).
     #[serde(default)]
     pub listen_fd: bool,
+    /// A sandbox of the warm pool (`--warm-stage sandbox`): the shim makes
+    /// everything up to the daemon's exec (namespaces, maps, cgroup,
+    /// network), prints [`HELD_LINE`] on its stdout and holds the child
+    /// before exec until the agent writes [`GO_BYTE`] on its lifeline.
+    #[serde(default)]
+    pub hold: bool,
+    /// With `hold`: the daemon's extra arguments when the go hands it a
+    /// listener (a pod's socket claimed the sandbox), which it then gets as
+    /// fd 3 with `LISTEN_FDS=1`, as with `listen_fd` (for buildkitd:
+    /// `--addr fd://`). Without a listener the daemon runs with `args`.
+    #[serde(default)]
+    pub hold_fd_args: Vec<String>,
 }
+
+/// The line a holding shim prints on its stdout (before its outcome line):
+/// the sandbox is made and the child waits before exec.
+pub const HELD_LINE: &str = "held";
+/// The byte the agent writes on a holding shim's lifeline (stdin, a unix
+/// socket then): exec the daemon now. It may carry one descriptor
+/// (SCM_RIGHTS), a pod's listener for the daemon (see `hold_fd_args`).
+pub const GO_BYTE: u8 = b'g';
 
 /// The descriptor number of the pod's listener, in the shim and in the
 /// daemon (`SD_LISTEN_FDS_START`).
@@ -369,6 +389,8 @@ mod tests {
             isolate_network: false,
             log_cap_bytes: 1 << 20,
             listen_fd: true,
+            hold: true,
+            hold_fd_args: vec!["--addr".into(), "fd://".into()],
             disk: Some(crate::disk::DiskSpec::new(dir.path(), dir.path().join("root"), 64 << 20)),
             network: Some(NetSpec {
                 host_if: "bk0000abcdef012".into(),
@@ -389,9 +411,21 @@ mod tests {
         assert!(old.as_object_mut().unwrap().remove("log_cap_bytes").is_some());
         assert!(old.as_object_mut().unwrap().remove("disk").is_some());
         assert!(old.as_object_mut().unwrap().remove("listen_fd").is_some());
+        assert!(old.as_object_mut().unwrap().remove("hold").is_some());
+        assert!(old.as_object_mut().unwrap().remove("hold_fd_args").is_some());
         fs::write(dir.path().join(SPEC_FILE), old.to_string()).unwrap();
         let loaded = Spec::load(dir.path()).unwrap();
         assert_eq!(loaded.log_cap_bytes, 16 << 20);
-        assert_eq!(loaded, Spec { log_cap_bytes: DEFAULT_LOG_CAP, disk: None, listen_fd: false, ..spec });
+        assert_eq!(
+            loaded,
+            Spec {
+                log_cap_bytes: DEFAULT_LOG_CAP,
+                disk: None,
+                listen_fd: false,
+                hold: false,
+                hold_fd_args: vec![],
+                ..spec
+            }
+        );
     }
 }

@@ -2,7 +2,8 @@
 //! with the reason it is sound. Everything else goes through `nix`, which
 //! wraps the calls safely; this module covers what nix lacks or marks unsafe
 //! (clone and clone3, sigaction, close_range, closing a raw fd in a cloned child, the
-//! loop device ioctls, pidfd_open/pidfd_getfd and SIOCGSKNS).
+//! loop device ioctls, pidfd_open/pidfd_getfd, SIOCGSKNS, owning a descriptor
+//! received with SCM_RIGHTS and placing one at a fixed number in a child).
 //!
 //! All of these assume the process is single-threaded when they matter
 //! (clone): the shim checks that with [`thread_count`] before cloning.
@@ -201,6 +202,57 @@ pub fn inherited_listener(fd: RawFd) -> Result<OwnedFd, Errno> {
         return Err(Errno::EINVAL);
     }
     Ok(owned)
+}
+
+/// Receives one byte and at most one descriptor (SCM_RIGHTS) from a unix
+/// stream socket: a warm sandbox's go, from the agent to the shim and from
+/// the shim to its held child. `(0, None)` at EOF. The descriptor arrives
+/// close-on-exec; extra ones are closed.
+pub fn recv_byte_and_fd(sock: BorrowedFd<'_>) -> Result<(usize, u8, Option<OwnedFd>), Errno> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let n = msg.bytes;
+    let mut got = None;
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            for fd in fds {
+                // SAFETY: the kernel installed `fd` in this process's table
+                // for this message just now; nothing else knows the number,
+                // so this OwnedFd is its only owner.
+                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                if got.is_none() {
+                    got = Some(owned);
+                }
+            }
+        }
+    }
+    drop(iov);
+    Ok((n, byte[0], got))
+}
+
+/// In a cloned child: makes `fd` the child's descriptor number `at`
+/// (dup2), without close-on-exec, and closes the original number. Whatever
+/// the child had at `at` is closed by dup2; the caller checks that it is
+/// none of the descriptors the child still needs.
+pub fn place_in_child(fd: OwnedFd, at: RawFd) -> Result<(), Errno> {
+    use std::os::fd::IntoRawFd;
+    let raw = fd.into_raw_fd();
+    if raw == at {
+        // SAFETY: F_SETFD takes no pointer; `at` is open (it is `fd`).
+        return Errno::result(unsafe { libc::fcntl(at, libc::F_SETFD, 0) }).map(drop);
+    }
+    // SAFETY: dup2 takes no pointers. The child's fd table is its own copy
+    // (clone without CLONE_FILES): closing its copy of `at` cannot affect
+    // the parent, and any OwnedFd for `at` lives in memory the child never
+    // drops (it only execs or _exits). dup2's copy has no FD_CLOEXEC.
+    let rc = unsafe { libc::dup2(raw, at) };
+    let res = Errno::result(rc).map(drop);
+    close_in_child(raw);
+    res
 }
 
 /// Resets every catchable signal to its default action and unblocks all.

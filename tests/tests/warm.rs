@@ -28,18 +28,6 @@ fn wait_warm(agent: &Agent, n: usize) {
     }
 }
 
-fn metric(agent: &Agent, name: &str) -> f64 {
-    use std::io::{Read, Write};
-    let addr = agent.http_addr(WAIT).expect("http address");
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{body}"))
-}
-
 #[test]
 fn warm_instances_serve_one_client_each_and_are_replaced() {
     let agent = Agent::builder("warm-claim")
@@ -47,7 +35,7 @@ fn warm_instances_serve_one_client_each_and_are_replaced() {
         .args(["--http-addr", "127.0.0.1:0"])
         .start();
     wait_warm(&agent, 2);
-    assert_eq!(metric(&agent, "berth_slots_in_use"), 2.0, "the pool holds slots");
+    assert_eq!(agent.metric("berth_slots_in_use"), 2.0, "the pool holds slots");
     let a = ping_as(&agent, 3101);
     let a2 = ping_as(&agent, 3101);
     let b = ping_as(&agent, 3102);
@@ -63,9 +51,9 @@ fn warm_instances_serve_one_client_each_and_are_replaced() {
     assert_eq!(claims(), 2, "{}", agent.log_tail(30));
     // Replacements: the pool refills to 2 while slots allow (2 used + 2 warm = 4).
     wait_warm(&agent, 4);
-    assert_eq!(metric(&agent, "berth_slots_in_use"), 4.0);
+    assert_eq!(agent.metric("berth_slots_in_use"), 4.0);
     // A claimed instance's start latency is not counted as a cold start.
-    assert_eq!(metric(&agent, "berth_instance_start_seconds_count"), 0.0);
+    assert_eq!(agent.metric("berth_instance_start_seconds_count"), 0.0);
 }
 
 #[test]

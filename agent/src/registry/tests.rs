@@ -89,6 +89,28 @@ async fn a_claim_while_starting_becomes_ready_not_warm_idle() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_claimed_sandbox_starts_its_daemon_and_is_never_handed_out_as_ready() {
+    let reg = Registry::new(Duration::ZERO);
+    let dir = std::env::temp_dir().join("berth-registry-test");
+    // Held, then claimed: `Starting` (the daemon execs now), not `Ready`.
+    let sb = Instance::sandbox("s1".into(), dir.join("s1"));
+    assert!(sb.warm && sb.held);
+    reg.add_warm(sb.clone());
+    sb.mark_held();
+    assert!(matches!(*sb.phase.borrow(), Phase::WarmIdle));
+    assert_eq!(kind(&join(&reg, &client(5))), "claimed");
+    assert!(matches!(*sb.phase.borrow(), Phase::Starting), "a claimed sandbox waits for its daemon");
+    sb.mark_ready();
+    assert!(matches!(*sb.phase.borrow(), Phase::Ready));
+    // Claimed while still being made: held keeps it `Starting`.
+    let sb2 = Instance::sandbox("s2".into(), dir.join("s2"));
+    reg.add_warm(sb2.clone());
+    assert_eq!(kind(&join(&reg, &client(6))), "claimed");
+    sb2.mark_held();
+    assert!(matches!(*sb2.phase.borrow(), Phase::Starting), "not WarmIdle: its client waits on it");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_join_before_the_reap_keeps_the_instance() {
     let reg = Registry::new(Duration::ZERO);
     let c = client(5);

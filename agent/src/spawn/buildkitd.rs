@@ -74,6 +74,8 @@ mod tests {
             log_cap_bytes: 16 << 20,
             disk: None,
             listen_fd: false,
+            hold: false,
+            hold_fd_args: vec![],
         };
         let text = render(&spec, 1500, 10 << 30, None);
         let t: Table = toml::from_str(&text).unwrap();

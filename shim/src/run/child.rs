@@ -17,13 +17,14 @@ use nix::mount::{mount, MsFlags};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::prctl;
 use nix::sys::signal::Signal;
+use nix::sys::socket::{send, MsgFlags};
 use nix::unistd::{
     chdir, dup2_stderr, dup2_stdin, dup2_stdout, execve, read, setgroups, sethostname, setresgid, setresuid, write,
     Gid, Uid,
 };
 use std::ffi::CString;
 use std::io::Write as _;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
 /// Exit status of the child when its setup failed before exec.
@@ -56,6 +57,10 @@ pub(super) struct Plan<'a> {
     /// fd-passed (issue 15): the pod's listening socket, which becomes the
     /// daemon's fd 3 without close-on-exec (socket activation).
     pub listener: Option<BorrowedFd<'a>>,
+    /// A held sandbox (`Spec::hold`): the handshake is a unix socket whose
+    /// byte may carry a pod's listener; with one, the daemon execs with
+    /// these argv and envp (`Spec::hold_fd_args`, `LISTEN_*`).
+    pub with_listener: Option<(Vec<CString>, Vec<CString>)>,
     /// The parent's ends of the three pipes, which the child must close: the
     /// handshake's write end above all, or the child never sees EOF.
     pub close: [RawFd; 3],
@@ -79,13 +84,29 @@ impl<'a> Plan<'a> {
             }
             envp.push(cstr("env", format!("{k}={v}").as_bytes())?);
         }
+        // go-systemd's activation (buildkitd's `--addr fd://`) takes the
+        // fds only when LISTEN_PID is its own pid: the daemon is pid 1 of the
+        // new pid namespace (exec keeps the clone's pid).
+        let activation = |envp: &mut Vec<CString>| -> Result<(), RunError> {
+            for kv in [&b"LISTEN_PID=1"[..], b"LISTEN_FDS=1", b"LISTEN_FDNAMES=berth-pod"] {
+                envp.push(cstr("env", kv)?);
+            }
+            Ok(())
+        };
+        let with_listener = match spec.hold {
+            true => {
+                let mut argv = argv.clone();
+                for a in &spec.hold_fd_args {
+                    argv.push(cstr("hold_fd_args", a.as_bytes())?);
+                }
+                let mut envp = envp.clone();
+                activation(&mut envp)?;
+                Some((argv, envp))
+            }
+            false => None,
+        };
         if spec.listen_fd {
-            // go-systemd's activation (buildkitd's `--addr fd://`) takes the
-            // fds only when LISTEN_PID is its own pid: the daemon is pid 1
-            // of the new pid namespace (exec keeps the clone's pid).
-            envp.push(cstr("env", b"LISTEN_PID=1")?);
-            envp.push(cstr("env", b"LISTEN_FDS=1")?);
-            envp.push(cstr("env", b"LISTEN_FDNAMES=berth-pod")?);
+            activation(&mut envp)?;
         }
         let root = cstr("dir", spec.root_dir().as_os_str().as_bytes())?;
         let mut binds = Vec::new();
@@ -109,6 +130,7 @@ impl<'a> Plan<'a> {
             out,
             null,
             listener: None,
+            with_listener,
             close,
         })
     }
@@ -119,13 +141,13 @@ pub(super) fn main(plan: &Plan) -> isize {
     for fd in plan.close {
         sys::close_in_child(fd);
     }
+    // EOF without the byte: the parent failed a step (or died) and reports
+    // it; nothing to add.
     let mut byte = [0u8; 1];
     loop {
         match read(plan.sync_r, &mut byte) {
             Ok(1) => break,
             Err(Errno::EINTR) => continue,
-            // EOF without the byte: the parent failed a step (or died) and
-            // reports it; nothing to add.
             _ => sys::exit_now(1),
         }
     }
@@ -134,9 +156,51 @@ pub(super) fn main(plan: &Plan) -> isize {
         sys::exit_now(EXIT_SETUP);
     }
     sys::reset_signals();
-    let Err(errno) = execve(&plan.daemon, &plan.argv, &plan.envp);
+    // A held sandbox: set up, it says so on the handshake socket and waits
+    // for the go, whose byte may carry a pod's listener. Only the exec is
+    // left for the claim.
+    let mut handed = false;
+    if plan.with_listener.is_some() {
+        loop {
+            match send(plan.sync_r.as_raw_fd(), &[1], MsgFlags::MSG_NOSIGNAL) {
+                Ok(1) => break,
+                Err(Errno::EINTR) => continue,
+                _ => sys::exit_now(1),
+            }
+        }
+        let listener = loop {
+            match sys::recv_byte_and_fd(plan.sync_r) {
+                Ok((1, _, fd)) => break fd,
+                Err(Errno::EINTR) => continue,
+                _ => sys::exit_now(1),
+            }
+        };
+        if let Some(l) = listener {
+            if let Err((step, errno)) = place_listener(plan, l) {
+                report(plan, &[b"berth-shim: ", step.as_bytes()], errno);
+                sys::exit_now(EXIT_SETUP);
+            }
+            handed = true;
+        }
+    }
+    let (argv, envp) = match (&plan.with_listener, handed) {
+        (Some((argv, envp)), true) => (argv, envp),
+        _ => (&plan.argv, &plan.envp),
+    };
+    let Err(errno) = execve(&plan.daemon, argv, envp);
     report(plan, &[b"berth-shim: exec ", plan.daemon.as_bytes()], errno);
     sys::exit_now(EXIT_EXEC)
+}
+
+/// A pod's listener sent with a held sandbox's go: fd 3 of the daemon. The
+/// number is the shim's signalfd's in this copy of its table (the shim's
+/// first descriptor), never one the child uses.
+fn place_listener(plan: &Plan, l: OwnedFd) -> Result<(), Step> {
+    let own = [plan.sync_r.as_raw_fd(), plan.err_w.as_raw_fd(), plan.out.as_raw_fd(), plan.null.as_raw_fd()];
+    if own.contains(&spec::LISTEN_FD) {
+        return Err(("fd 3 is one of the child's own descriptors; cannot place the pod's listener", Errno::EBUSY));
+    }
+    sys::place_in_child(l, spec::LISTEN_FD).map_err(at("place the pod's listener at fd 3"))
 }
 
 type Step = (&'static str, Errno);

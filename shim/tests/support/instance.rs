@@ -81,6 +81,8 @@ pub fn setup(daemon: &str, args: &[&str]) -> Inst {
         log_cap_bytes: 16 << 20,
         disk: None,
         listen_fd: false,
+        hold: false,
+        hold_fd_args: vec![],
     };
     spec.store().unwrap();
     Inst { _tmp: tmp, dir, spec }

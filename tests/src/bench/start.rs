@@ -4,8 +4,14 @@
 //! proxy once the instance is ready), and to the Fake.Ping reply. Baseline:
 //! the same fakekitd spawned directly by the bench (no namespaces, no
 //! cgroup), clock from spawn, connect as soon as it says it serves, same
-//! call. Samples alternate between the two paths; each berth sample waits
+//! call. Samples alternate between the paths; each berth sample waits
 //! for the previous instance's wipe, so starts never overlap a teardown.
+//!
+//! A third path: an agent with `--warm 2 --warm-stage sandbox`, whose new
+//! client claims a sandbox made ahead and its daemon execs then (the
+//! daemon's boot is in the sample, as in the others). Before every sample
+//! of any path that agent's pool is full again (both sandboxes held, the
+//! previous one wiped), so its refill never overlaps a measured start.
 
 use crate::bench::env::{self, direct_start, is_instance_end, msg_is, temp_dir, timed_ping, BenchAgent, StartSample};
 use crate::bench::report::{p50, p99, summary, Goal, Row};
@@ -34,6 +40,23 @@ async fn berth_sample_at(agent: &BenchAgent, t0: Instant) -> Result<StartSample>
         bail!("instance {id:?} did not end within 30 s:\n{}", agent.logs.tail(20));
     }
     Ok(s)
+}
+
+/// Waits until the sandbox agent holds `n` unclaimed sandboxes and nothing
+/// else (the previous client's instance is wiped).
+async fn sandboxes_full(agent: &BenchAgent, n: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let held = agent.logs.count(0, |v| msg_is(v, "sandbox held"));
+        let claims = agent.logs.count(0, |v| msg_is(v, "claimed a warm instance"));
+        if held >= claims + n && agent.instance_count() == n {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("sandbox pool not full after 60 s ({held} held, {claims} claimed):\n{}", agent.logs.tail(20));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 /// [`berth_sample`] that also records when the new daemon bound its socket
@@ -111,15 +134,27 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
         &["--scope", "connection", "--max-builds", "4", "--idle-timeout", "30s", "--stop-grace", "2s"],
     )
     .await?;
+    let sandbox = BenchAgent::start(
+        &ctx.bins,
+        "start-sandbox",
+        8,
+        &["--scope", "connection", "--max-builds", "4", "--idle-timeout", "30s", "--stop-grace", "2s"]
+            .into_iter()
+            .chain(["--warm", "2", "--warm-stage", "sandbox"])
+            .collect::<Vec<_>>(),
+    )
+    .await?;
     let (base, _g) = temp_dir("berth-bench-direct-")?;
     let mut direct: Vec<StartSample> = Vec::new();
     let mut berth: Vec<StartSample> = Vec::new();
+    let mut held: Vec<StartSample> = Vec::new();
     let total = plan.warmup + plan.start_samples;
     let ready_mark = agent.logs.mark();
     for i in 0..total {
         let keep = i >= plan.warmup;
         // Alternate which path goes first, so drift hits both alike.
-        for path in if i % 2 == 0 { [0, 1] } else { [1, 0] } {
+        for path in [[0, 1, 2], [1, 2, 0], [2, 0, 1]][i % 3] {
+            sandboxes_full(&sandbox, 2).await?;
             if path == 0 {
                 let (s, d) = direct_start(&ctx.bins.fakekitd, base.join(format!("d{i}"))).await?;
                 d.kill().await;
@@ -127,9 +162,9 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
                     direct.push(s);
                 }
             } else {
-                let s = berth_sample(&agent).await?;
+                let s = berth_sample(if path == 1 { &agent } else { &sandbox }).await?;
                 if keep {
-                    berth.push(s);
+                    if path == 1 { &mut berth } else { &mut held }.push(s);
                 }
             }
         }
@@ -178,7 +213,9 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
             .filter_map(|l| l.split_once("; start steps: ").map(|(_, s)| s.to_string()))
             .skip(plan.warmup),
     );
-    let leaks = agent.stop().await?;
+    let held_claims = sandbox.logs.count(0, |v| msg_is(v, "claimed a warm instance"));
+    let mut leaks = agent.stop().await?;
+    leaks.extend(sandbox.stop().await?);
     let attach = tokio::task::spawn_blocking(move || cgroup_attach(if plan_quick { 3 } else { 50 }))
         .await
         .map_err(|e| anyhow::anyhow!("cgroup attach: {e}"))??;
@@ -197,6 +234,15 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
         Row::new("1 start", format!("connect->first byte p99 (n={})", bf.len()), "ms", p99(&bf))
             .baseline(p99(&df), base_is),
         Row::new("1 start", "connect->Ping reply p50", "ms", p50(&call(&berth))).baseline(p50(&call(&direct)), base_is),
+        Row::new(
+            "1 start",
+            format!("connect->first byte p50 (n={}), --warm 2 --warm-stage sandbox", held.len()),
+            "ms",
+            p50(&fb(&held)),
+        )
+        .baseline(p50(&df), base_is)
+        .goal(Goal::OverheadAtMost(2.0), "overhead <= 2 ms (issue 15)"),
+        Row::new("1 start", "connect->first byte p99, sandbox", "ms", p99(&fb(&held))).baseline(p99(&df), base_is),
     ];
     let bound = |v: &[StartSample]| v.iter().filter_map(|s| s.bound_ms).collect::<Vec<_>>();
     let after = |v: &[StartSample]| v.iter().filter_map(|s| Some(s.first_byte_ms - s.bound_ms?)).collect::<Vec<_>>();
@@ -243,6 +289,8 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
         "samples": bf.len(),
         "warmup": plan.warmup,
         "berth_first_byte_ms": summary(&bf),
+        "sandbox_first_byte_ms": summary(&fb(&held)),
+        "sandbox_claims": held_claims,
         "direct_first_byte_ms": summary(&df),
         "berth_call_ms": summary(&call(&berth)),
         "direct_call_ms": summary(&call(&direct)),

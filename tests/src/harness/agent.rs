@@ -326,6 +326,21 @@ impl Agent {
         }
     }
 
+    /// One sample of /metrics by its full name with labels (`berth_slots`,
+    /// `berth_warm_claims_total{stage="sandbox"}`); panics, with the page,
+    /// when it is not there. Needs `--http-addr 127.0.0.1:0`.
+    pub fn metric(&self, name: &str) -> f64 {
+        use std::io::{Read, Write};
+        let addr = self.http_addr(Duration::from_secs(30)).expect("the agent's http address");
+        let mut s = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("request /metrics");
+        let mut body = String::new();
+        s.read_to_string(&mut body).expect("read /metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{name} not in /metrics:\n{body}"))
+    }
+
     /// Every "instance ended" line so far.
     pub fn instance_ends(&self) -> Vec<Value> {
         self.logs().into_iter().filter(is_instance_end).collect()

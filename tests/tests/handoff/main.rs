@@ -21,6 +21,7 @@ use tonic::Code;
 const WAIT: Duration = Duration::from_secs(20);
 
 mod count;
+mod sandbox;
 
 fn builder(name: &str, extra: &[&str]) -> AgentBuilder {
     builder_http(name, "off", extra)
