@@ -9,8 +9,10 @@
 //!   exec included) on the socket of a freshly published pod, so every
 //!   sample starts a fresh instance; against the same daemon binary started
 //!   by hand, rootless in namespaces of its own (hand.rs): spawn -> READY=1
-//!   -> `buildctl debug workers` answered. Samples alternate; each ends its
-//!   instance (unpublish) or daemon before the next.
+//!   -> `buildctl debug workers` answered. A third side: a second agent
+//!   with `--warm 1 --warm-stage sandbox`, whose fresh pod claims the
+//!   sandbox made ahead (its pool full before each sample). Samples rotate;
+//!   each ends its instance (unpublish) or daemon before the next.
 //! - **Build.** A Dockerfile `FROM busybox` (the base layout) + `COPY` of a
 //!   context of random files + a `RUN` that reads every byte, sent (i)
 //!   through a pod socket, (ii) through the node socket (the agent's proxy),
@@ -47,6 +49,27 @@ pub struct RealPlan {
     pub starts: usize,
     /// Context size in MiB, as 4 files.
     pub context_mib: u64,
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Waits until the warm-sandbox agent holds its one sandbox and nothing
+/// else (the previous pod's instance wiped, the replacement held).
+async fn sandbox_full(agent: &BenchAgent) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let held = agent.logs.count(0, |v| env::msg_is(v, "sandbox held"));
+        let claims = agent.logs.count(0, |v| env::msg_is(v, "pod's socket handed to a warm sandbox"));
+        if held > claims && agent.instance_count() == 1 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("no sandbox held after 120 s ({held} held, {claims} claimed):\n{}", agent.logs.tail(20));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// The pod whose socket the builds use.
@@ -104,16 +127,12 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
     let (tmp, _tmp_g) = env::temp_dir("bbr-")?;
     let csi = tmp.join("csi.sock");
     let kubelet = tmp.join("kubelet");
-    let run_dir = tmp.join("run");
-    let csi_url = format!("unix://{}", csi.display());
     let bkd = tools.buildkitd.display().to_string();
-    let agent = BenchAgent::start(
-        &ctx.bins,
-        "realbuild",
-        4,
-        &[
+    // The agent's flags; `extra` for the warm-sandbox agent of the start part.
+    let args = |tag: &str, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
             "--daemon",
-            &bkd,
+            bkd.as_str(),
             "--max-builds",
             "2",
             "--idle-timeout",
@@ -128,21 +147,31 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
             "5s",
             "--start-timeout",
             "180s",
-            "--csi-endpoint",
-            &csi_url,
-            "--kubelet-dir",
-            &kubelet.display().to_string(),
-            "--run-dir",
-            &run_dir.display().to_string(),
-        ],
-    )
-    .await?;
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.push(format!("--csi-endpoint=unix://{}", tmp.join(format!("{tag}csi.sock")).display()));
+        v.push(format!("--kubelet-dir={}", tmp.join(format!("{tag}kubelet")).display()));
+        v.push(format!("--run-dir={}", tmp.join(format!("{tag}run")).display()));
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let main_args = args("", &[]);
+    let agent = BenchAgent::start(&ctx.bins, "realbuild", 4, &refs(&main_args)).await?;
+    // The start through a warm sandbox (`--warm-stage sandbox`): a fresh
+    // pod's first connection claims the sandbox made ahead, whose daemon
+    // execs with the pod's listener.
+    let sb_args = args("sb-", &["--warm", "1", "--warm-stage", "sandbox"]);
+    let sandbox = BenchAgent::start(&ctx.bins, "realbuild-sandbox", 4, &refs(&sb_args)).await?;
+    let (sb_csi, sb_kubelet) = (tmp.join("sb-csi.sock"), tmp.join("sb-kubelet"));
 
     // Start: a fresh pod instance against a hand-started daemon, alternating.
     let mut berth_start = Vec::new();
     let mut hand_start = Vec::new();
     let mut hand_ready = Vec::new();
     let mut warm = Vec::new();
+    let mut sb_start = Vec::new();
     let mut log_mark = 0;
     // Sample 0 is a warm-up of each side (the binaries' first page-ins), not kept.
     for k in 0..=plan.starts {
@@ -151,10 +180,23 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
             hand_start.clear();
             hand_ready.clear();
             warm.clear();
+            sb_start.clear();
             log_mark = agent.logs.mark();
         }
-        for side in [k % 2, 1 - k % 2] {
-            if side == 0 {
+        for side in [[0, 1, 2], [1, 2, 0], [2, 0, 1]][k % 3] {
+            if side == 2 {
+                sandbox_full(&sandbox).await?;
+                let pod = Pod::publish(&sb_csi, &sb_kubelet, &format!("w{k}")).await?;
+                let run = buildctl::workers(tools, &pod.socket()).await.context("through a warm sandbox")?;
+                if !run.output.contains("berth-") {
+                    bail!(
+                        "ListWorkers through the sandbox's pod socket did not name a berth instance:\n{}",
+                        run.output
+                    );
+                }
+                sb_start.push(run.secs);
+                pod.unpublish(&sb_csi).await?;
+            } else if side == 0 {
                 let pod = Pod::publish(&csi, &kubelet, &format!("s{k}")).await?;
                 let run = buildctl::workers(tools, &pod.socket()).await.context("through a fresh pod socket")?;
                 if !run.output.contains("berth-") {
@@ -175,6 +217,14 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
             }
         }
         progress!("realbuild: start {k}/{} (0: warm-up)", plan.starts);
+    }
+    let sb_claims = sandbox.logs.count(0, |v| env::msg_is(v, "pod's socket handed to a warm sandbox"));
+    let sb_leaks = sandbox.stop().await?;
+    if !sb_leaks.is_empty() {
+        bail!("leaks after the warm-sandbox starts: {sb_leaks:?}");
+    }
+    if sb_claims != plan.starts + 1 {
+        bail!("{sb_claims} of {} sandbox starts came from the pool", plan.starts + 1);
     }
     let start_ms: Vec<f64> = agent
         .logs
@@ -259,6 +309,18 @@ pub async fn run(ctx: &Ctx) -> Result<Figure> {
         p50(&berth_start),
     )
     .baseline(p50(&hand_start), "hand-started rootless buildkitd: spawn -> READY=1 -> buildctl ListWorkers answered")];
+    rows.push(
+        Row::new(
+            "12 realbuild",
+            format!("connect -> ListWorkers answered, pod socket, warm sandbox (--warm-stage sandbox, p50 of {n})"),
+            "s",
+            p50(&sb_start),
+        )
+        .baseline(
+            p50(&hand_start),
+            "hand-started rootless buildkitd: spawn -> READY=1 -> buildctl ListWorkers answered",
+        ),
+    );
     rows.push(
         Row::new(
             "12 realbuild",
