@@ -1,6 +1,11 @@
 //! The warm pool: `--warm N` keeps N fresh, never-used instances started
 //! ahead, so a new client skips the daemon's start. A client claims one at
 //! once (`Registry::attach`) and a replacement starts in the background.
+//!
+//! How far ahead is `--warm-stage`: `daemon` (running and answering) or
+//! `sandbox` (made up to the daemon's exec, see `spawn::held`; the claim
+//! execs a fresh daemon, a pod's socket can claim one too, and its
+//! replacement starts `life::REFILL_AFTER_READY` after that daemon answers).
 //! Each warm instance holds a build slot (the pool counts inside the slots),
 //! serves exactly one client once claimed, and is wiped like any other;
 //! unclaimed ones end on drain (`life`).
