@@ -85,16 +85,7 @@ async fn run_life(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> EndReason {
         false => spawn::wait_ready(ctx, inst, &mut shim).await.map(|via| became_ready(ctx, inst, &shim, via, None)),
     };
     if let Err((e, outcome)) = made {
-        if !inst.warm {
-            ctx.registry.note_failure(&inst.client(), &e);
-        }
-        ctx.registry.unregister(inst, true);
-        inst.set_phase(Phase::Failed(e.clone()));
-        if inst.warm {
-            warn!("a warm instance failed to start; the pool retries in {WARM_FAILURE_BACKOFF:?}");
-            ctx.registry.warm_failed(WARM_FAILURE_BACKOFF);
-        }
-        return reap::record(ctx, inst, EndCause::StartFailed(e.to_string()), outcome.as_ref());
+        return start_failed(ctx, inst, e, outcome, inst.warm);
     }
     // A warm instance waits for its client; the pool's leftovers end when
     // the agent starts draining.
@@ -132,13 +123,8 @@ async fn run_life(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> EndReason {
                 // Off the start's path: files, after the daemon answers.
                 inst.record_claim();
             }
-            Err((e, outcome)) => {
-                // The client's start failed, as a cold one would have.
-                ctx.registry.note_failure(&inst.client(), &e);
-                ctx.registry.unregister(inst, true);
-                inst.set_phase(Phase::Failed(e.clone()));
-                return reap::record(ctx, inst, EndCause::StartFailed(e.to_string()), outcome.as_ref());
-            }
+            // The client's start failed, as a cold one would have.
+            Err((e, outcome)) => return start_failed(ctx, inst, e, outcome, false),
         }
     }
     // A client of one connection (connection scope, or a peer the agent
@@ -153,6 +139,27 @@ async fn run_life(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> EndReason {
     inst.set_phase(Phase::Ending { note: None });
     let outcome = shim.stop(ctx).await;
     reap::record(ctx, inst, cause, outcome.as_ref())
+}
+
+/// A start that failed: unregistered, `Failed` for the connections waiting
+/// on it, recorded. `pool`: the pool's own start (the pool rests) rather
+/// than a client's (the client's failure is cached).
+fn start_failed(
+    ctx: &Arc<Ctx>,
+    inst: &Arc<Instance>,
+    e: crate::error::AdmitError,
+    outcome: Option<berth_shim::spec::Outcome>,
+    pool: bool,
+) -> EndReason {
+    if pool {
+        warn!("a warm instance failed to start; the pool retries in {WARM_FAILURE_BACKOFF:?}");
+        ctx.registry.warm_failed(WARM_FAILURE_BACKOFF);
+    } else {
+        ctx.registry.note_failure(&inst.client(), &e);
+    }
+    ctx.registry.unregister(inst, true);
+    inst.set_phase(Phase::Failed(e.clone()));
+    reap::record(ctx, inst, EndCause::StartFailed(e.to_string()), outcome.as_ref())
 }
 
 /// The daemon answers: log, count, and make the instance `Ready` (or

@@ -20,21 +20,25 @@ use tracing::{error, warn};
 /// falls back to `berth-shim delete`.
 const WIPE_BUDGET: Duration = Duration::from_secs(60);
 
+/// The agent's end of a shim's stdin. Dropping it tells the shim the agent
+/// is gone. A sandbox's is a unix socket, whose go may carry a pod's
+/// listener; others' a pipe.
+pub enum Lifeline {
+    Pipe(Option<ChildStdin>),
+    Socket(std::os::unix::net::UnixStream),
+}
+
 /// A running shim: its pid, its lifeline (stdin: dropping it tells the shim
 /// the agent is gone), and its report, read from stdout by a task.
 pub struct Shim {
     pid: Option<u32>,
     id: String,
     dir: PathBuf,
-    _lifeline: Option<ChildStdin>,
+    lifeline: Lifeline,
     done: Option<oneshot::Receiver<Option<Outcome>>>,
     outcome: Option<Option<Outcome>>,
     /// A sandbox's `held` line (`berth_shim::spec::HELD_LINE`).
     held: Option<oneshot::Receiver<()>>,
-    /// A sandbox's lifeline, a unix socket instead of the stdin pipe: its go
-    /// may carry a pod's listener. Dropping it tells the shim the agent is
-    /// gone, as for the pipe.
-    pub go_line: Option<std::os::unix::net::UnixStream>,
     /// The agent's end of the daemon's NOTIFY_SOCKET until it is ready
     /// (notify.rs); taken by `spawn::wait_ready`.
     pub notify: Option<crate::notify::Notify>,
@@ -44,8 +48,19 @@ pub struct Shim {
 }
 
 impl Shim {
-    pub fn new(mut child: Child, id: String, dir: PathBuf, tasks: &tokio_util::task::TaskTracker) -> Shim {
-        let lifeline = child.stdin.take();
+    /// `socket`: the agent's end of a sandbox's lifeline (its stdin); None:
+    /// the child's piped stdin is the lifeline.
+    pub fn new(
+        mut child: Child,
+        id: String,
+        dir: PathBuf,
+        socket: Option<std::os::unix::net::UnixStream>,
+        tasks: &tokio_util::task::TaskTracker,
+    ) -> Shim {
+        let lifeline = match socket {
+            Some(s) => Lifeline::Socket(s),
+            None => Lifeline::Pipe(child.stdin.take()),
+        };
         let stdout = child.stdout.take();
         let pid = child.id();
         let (tx, rx) = oneshot::channel();
@@ -91,11 +106,10 @@ impl Shim {
             pid,
             id,
             dir,
-            _lifeline: lifeline,
+            lifeline,
             done: Some(rx),
             outcome: None,
             held: Some(held_rx),
-            go_line: None,
             notify: None,
             start_steps: String::new(),
         }
@@ -127,7 +141,9 @@ impl Shim {
     /// it. A one-byte send on an empty socket does not block.
     pub fn go(&mut self, listener: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
         use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-        let line = self.go_line.as_ref().ok_or_else(|| std::io::Error::other("the shim has no sandbox lifeline"))?;
+        let Lifeline::Socket(line) = &self.lifeline else {
+            return Err(std::io::Error::other("the shim's lifeline is a pipe, not a sandbox's socket"));
+        };
         let fds: Vec<_> = listener.iter().map(|l| l.as_raw_fd()).collect();
         let cmsg: Vec<_> = listener.iter().map(|_| ControlMessage::ScmRights(&fds)).collect();
         let byte = [berth_shim::spec::GO_BYTE];

@@ -104,8 +104,7 @@ async fn start_shim(ctx: &Arc<Ctx>, inst: &Arc<Instance>) -> Result<Shim, SpawnE
     match child {
         Ok(child) => {
             steps.mark("shim_spawn");
-            let mut shim = Shim::new(child, inst.id.clone(), dir.clone(), &ctx.tasks);
-            shim.go_line = go_line;
+            let mut shim = Shim::new(child, inst.id.clone(), dir.clone(), go_line, &ctx.tasks);
             shim.notify = Some(notify);
             shim.start_steps = steps.render();
             Ok(shim)
@@ -366,21 +365,34 @@ pub async fn wait_ready(
         outcome = shim.ended() => Some(outcome),
         _ = tokio::time::sleep_until(deadline) => None,
     };
+    Err(start_error(ctx, inst, shim, ended).await)
+}
+
+/// A start that did not get there: `Some(outcome)`, the shim ended first
+/// (StartFailed, counted as the network's when it was); `None`, the start
+/// timeout passed (NotReady, after stopping the shim). Returns the error
+/// with the shim's outcome (its stderr tail goes into the error).
+pub(crate) async fn start_error(
+    ctx: &Ctx,
+    inst: &Instance,
+    shim: &mut Shim,
+    ended: Option<Option<Outcome>>,
+) -> (AdmitError, Option<Outcome>) {
+    let tail = |o: &Option<Outcome>| o.as_ref().map(|o| with_hint(&o.stderr_tail)).unwrap_or_default();
     match ended {
         Some(outcome) => {
             let reason = match &outcome {
                 Some(o) => describe_exit(o),
                 None => "the shim died without a report".to_string(),
             };
-            let tail = outcome.as_ref().map(|o| with_hint(&o.stderr_tail)).unwrap_or_default();
             ctx.metrics.network.shim_failed(&reason);
-            let e = AdmitError::StartFailed { id: inst.id.clone(), client: inst.client().display, reason, tail };
-            Err((e, outcome))
+            let tail = tail(&outcome);
+            (AdmitError::StartFailed { id: inst.id.clone(), client: inst.client().display, reason, tail }, outcome)
         }
         None => {
             let outcome = shim.stop(ctx).await;
-            let tail = outcome.as_ref().map(|o| with_hint(&o.stderr_tail)).unwrap_or_default();
-            Err((AdmitError::NotReady { id: inst.id.clone(), timeout: ctx.run.start_timeout, tail }, outcome))
+            let tail = tail(&outcome);
+            (AdmitError::NotReady { id: inst.id.clone(), timeout: ctx.run.start_timeout, tail }, outcome)
         }
     }
 }
@@ -400,6 +412,6 @@ fn probe_interval(since_start: Duration) -> Duration {
 }
 
 /// The stderr tail with a plain-words hint appended when one matches.
-pub(crate) fn with_hint(tail: &str) -> String {
+fn with_hint(tail: &str) -> String {
     format!("{}{}", tail.trim_end(), crate::hints::for_stderr(tail))
 }

@@ -2,20 +2,13 @@
 //! to their daemon's exec (namespaces, maps, cgroup, network, disk), whose
 //! child waits before exec; a client's claim execs a fresh daemon in it.
 
-use berth_tests::harness::{fakeclient, is_instance_end, Agent};
+use berth_tests::harness::{is_instance_end, ping_as, Agent};
 use serde_json::Value;
 use std::fs;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn ping_as(agent: &Agent, uid: u32) -> Value {
-    let mut cmd = fakeclient(agent.socket());
-    cmd.args(["--timeout", "20", "ping"]).uid(uid).gid(uid);
-    serde_json::from_slice(&cmd.output().unwrap().stdout).unwrap_or(Value::Null)
-}
 
 fn held_ids(agent: &Agent) -> Vec<String> {
     let held = agent.logs().into_iter().filter(|v| v["message"] == "sandbox held");
@@ -84,7 +77,7 @@ fn a_claim_execs_a_fresh_daemon_in_the_sandbox_made_ahead() {
     assert!(log.is_empty(), "the daemon wrote before its claim: {log}");
 
     // A client claims it: the same pid execs the daemon, which answers.
-    let a = ping_as(&agent, 3401);
+    let a = ping_as(agent.socket(), 3401);
     assert!(a.get("error").is_none(), "{a}");
     assert_eq!(exe_name(pid), "fakekitd", "the sandbox's own child became the daemon");
     let ready = agent
@@ -103,7 +96,7 @@ fn a_claim_execs_a_fresh_daemon_in_the_sandbox_made_ahead() {
     });
     assert!(on_file.is_some(), "the claim is on file");
     // The same client stays on it; the pool makes a new sandbox.
-    let a2 = ping_as(&agent, 3401);
+    let a2 = ping_as(agent.socket(), 3401);
     assert_eq!(a["token"], a2["token"], "a claimed sandbox stays its client's");
     let ids = wait_held(&agent, 2);
     assert_ne!(ids[1], id);
@@ -138,7 +131,7 @@ fn a_sandbox_whose_child_dies_is_not_handed_out_and_one_left_by_a_dead_agent_is_
     let pid = daemon_pid(&agent, &id);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
     agent.wait_log(|v| is_instance_end(v) && v["instance"] == id.as_str(), WAIT).expect("the broken sandbox ends");
-    let p = ping_as(&agent, 3501);
+    let p = ping_as(agent.socket(), 3501);
     assert!(p.get("error").is_none(), "client got the dead sandbox: {p}");
     let claimed: Vec<Value> = agent.logs().into_iter().filter(|v| v["message"] == "claimed a warm instance").collect();
     assert!(claimed.iter().all(|v| v["instance"] != id.as_str()), "{claimed:?}");
@@ -153,4 +146,30 @@ fn a_sandbox_whose_child_dies_is_not_handed_out_and_one_left_by_a_dead_agent_is_
     assert!(leaks.is_empty(), "{leaks:?}");
     assert!(!inst_dir(&agent, &last).exists());
     assert!(fs::metadata(format!("/proc/{pid}")).is_err(), "the held child {pid} is gone");
+}
+
+#[test]
+fn a_holding_shim_killed_leaves_nothing_and_the_pool_makes_another() {
+    let agent = Agent::builder("sandbox-shimkill")
+        .args(["--warm", "1", "--warm-stage", "sandbox", "--max-builds", "2", "--idle-timeout", "20s"])
+        .start();
+    let id = wait_held(&agent, 1).remove(0);
+    let child = daemon_pid(&agent, &id);
+    let text = fs::read_to_string(inst_dir(&agent, &id).join(berth_shim::spec::SHIM_PID_FILE)).unwrap();
+    let shim: i32 = text.split_whitespace().next().unwrap().parse().unwrap();
+    // The shim dies without its teardown: its held child takes the handshake
+    // socket's end and exits; the agent deletes the sandbox from its files.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), nix::sys::signal::Signal::SIGKILL).unwrap();
+    agent.wait_log(|v| is_instance_end(v) && v["instance"] == id.as_str(), WAIT).expect("the sandbox ends");
+    let gone = berth_tests::harness::poll(WAIT, Duration::from_millis(20), || {
+        fs::metadata(format!("/proc/{child}")).is_err().then_some(())
+    });
+    assert!(gone.is_some(), "the held child {child} outlived its shim");
+    assert!(!inst_dir(&agent, &id).exists(), "the sandbox's dir is deleted");
+    // The pool makes a new one; the drain then leaves nothing.
+    wait_held(&agent, 2);
+    agent.sigterm();
+    agent.wait_exit(WAIT).expect("agent exits");
+    let leaks = agent.wait_clean(WAIT);
+    assert!(leaks.is_empty(), "{leaks:?}");
 }

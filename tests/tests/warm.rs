@@ -1,18 +1,10 @@
 //! The warm pool (`--warm N`): instances started ahead, one client each,
 //! replaced in the background, counted in the slots, wiped on drain.
 
-use berth_tests::harness::{fakeclient, Agent};
-use serde_json::Value;
-use std::os::unix::process::CommandExt;
+use berth_tests::harness::{ping_as, Agent};
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn ping_as(agent: &Agent, uid: u32) -> Value {
-    let mut cmd = fakeclient(agent.socket());
-    cmd.args(["--timeout", "20", "ping"]).uid(uid).gid(uid);
-    serde_json::from_slice(&cmd.output().unwrap().stdout).unwrap_or(Value::Null)
-}
 
 fn warm_ready(agent: &Agent) -> usize {
     // Started for the pool (the span's `warm` field), whether or not a client
@@ -36,9 +28,9 @@ fn warm_instances_serve_one_client_each_and_are_replaced() {
         .start();
     wait_warm(&agent, 2);
     assert_eq!(agent.metric("berth_slots_in_use"), 2.0, "the pool holds slots");
-    let a = ping_as(&agent, 3101);
-    let a2 = ping_as(&agent, 3101);
-    let b = ping_as(&agent, 3102);
+    let a = ping_as(agent.socket(), 3101);
+    let a2 = ping_as(agent.socket(), 3101);
+    let b = ping_as(agent.socket(), 3102);
     assert!(a.get("error").is_none() && b.get("error").is_none(), "{a} {b}");
     assert_eq!(a["token"], a2["token"], "a claimed instance stays its client's");
     assert_ne!(a["token"], b["token"], "two clients, two warm instances");
@@ -63,9 +55,9 @@ fn the_pool_counts_inside_the_slots() {
         .args(["--socket-mode", "0666"])
         .start();
     wait_warm(&agent, 2);
-    assert!(ping_as(&agent, 3201).get("error").is_none());
-    assert!(ping_as(&agent, 3202).get("error").is_none());
-    let c = ping_as(&agent, 3203);
+    assert!(ping_as(agent.socket(), 3201).get("error").is_none());
+    assert!(ping_as(agent.socket(), 3202).get("error").is_none());
+    let c = ping_as(agent.socket(), 3203);
     assert_eq!(c["error"]["code"], "ResourceExhausted", "{c}");
     assert!(c["error"]["message"].as_str().unwrap().contains("2/2 builds running, queue full"), "{c}");
     // Nothing warm was started beyond the slots.
@@ -105,6 +97,6 @@ fn a_warm_daemon_that_dies_is_not_handed_out() {
         .unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
     agent.wait_log(|v| berth_tests::harness::is_instance_end(v) && v["instance"] == id.as_str(), WAIT).unwrap();
-    let p = ping_as(&agent, 3301);
+    let p = ping_as(agent.socket(), 3301);
     assert!(p.get("error").is_none(), "client got the dead warm instance: {p}");
 }

@@ -10,10 +10,10 @@
 //! Nothing the daemon could touch exists before its exec, so the daemon a
 //! client gets is as fresh as a cold start's.
 
-use super::{with_hint, Outcome};
+use super::Outcome;
 use crate::error::AdmitError;
 use crate::instance::Instance;
-use crate::shim::{describe_exit, Shim};
+use crate::shim::Shim;
 use crate::Ctx;
 use std::sync::Arc;
 
@@ -30,20 +30,7 @@ pub async fn wait(ctx: &Arc<Ctx>, inst: &Arc<Instance>, shim: &mut Shim) -> Resu
         outcome = shim.ended() => Some(outcome),
         _ = tokio::time::sleep_until(deadline) => None,
     };
-    Err(match ended {
-        Some(outcome) => {
-            let reason = match &outcome {
-                Some(o) => describe_exit(o),
-                None => "the shim died without a report".to_string(),
-            };
-            let tail = outcome.as_ref().map(|o| with_hint(&o.stderr_tail)).unwrap_or_default();
-            (AdmitError::StartFailed { id: inst.id.clone(), client: inst.client().display, reason, tail }, outcome)
-        }
-        None => {
-            let outcome = shim.stop(ctx).await;
-            (AdmitError::NotReady { id: inst.id.clone(), timeout: ctx.run.start_timeout, tail: String::new() }, outcome)
-        }
-    })
+    Err(super::start_error(ctx, inst, shim, ended).await)
 }
 
 /// The go could not be written (the shim is gone or its lifeline broke):

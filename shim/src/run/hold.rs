@@ -11,7 +11,7 @@
 //! while held is the same as a failed start's: the shim drops the
 //! handshake pipe (the child reads EOF and exits) and wipes.
 
-use super::supervise::End;
+use super::supervise::{self, End};
 use super::RunError;
 use crate::spec::{EndReason, GO_BYTE, HELD_LINE};
 use crate::{sys, teardown};
@@ -48,14 +48,8 @@ pub(super) fn set_up(id: &str, pid: Pid, sync: &OwnedFd, err_r: &OwnedFd) -> Res
             // pipe (whose last writer it was, so the read ends).
             _ => {
                 let mut msg = Vec::new();
-                let mut buf = [0u8; 1024];
-                while let Ok(n @ 1..) = read(err_r, &mut buf) {
-                    msg.extend_from_slice(&buf[..n]);
-                    if msg.len() > 4096 {
-                        break;
-                    }
-                }
-                let why = String::from_utf8_lossy(&msg).trim().to_string();
+                supervise::drain(err_r.as_fd(), &mut msg);
+                let why = supervise::setup_error(&msg).unwrap_or_default();
                 crate::log!(id, "the held child pid {pid} failed its setup: {why}");
                 return Err(RunError::SandboxSetup { pid, why });
             }

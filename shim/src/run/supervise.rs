@@ -24,7 +24,7 @@ pub(super) struct End {
 }
 
 /// Reads what the child wrote to the error pipe; true at EOF.
-fn drain(fd: BorrowedFd, msg: &mut Vec<u8>) -> bool {
+pub(super) fn drain(fd: BorrowedFd, msg: &mut Vec<u8>) -> bool {
     let mut buf = [0u8; 1024];
     loop {
         match read(fd, &mut buf) {
@@ -43,7 +43,7 @@ fn drain(fd: BorrowedFd, msg: &mut Vec<u8>) -> bool {
     }
 }
 
-fn setup_error(msg: &[u8]) -> Option<String> {
+pub(super) fn setup_error(msg: &[u8]) -> Option<String> {
     let s = String::from_utf8_lossy(msg).trim().to_string();
     (!s.is_empty()).then_some(s)
 }

@@ -67,6 +67,15 @@ pub fn fakeclient(socket: &Path) -> Command {
     c
 }
 
+/// `fakeclient ping` as the client with uid and gid `uid` (a client of
+/// its own, in client scope), 20 s timeout; its JSON (Null if unreadable).
+pub fn ping_as(socket: &Path, uid: u32) -> Value {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = fakeclient(socket);
+    cmd.args(["--timeout", "20", "ping"]).uid(uid).gid(uid);
+    run_json(cmd).json
+}
+
 /// Runs `cmd` to completion, capturing stdout/stderr and parsing the last
 /// stdout line as JSON.
 pub fn run_json(mut cmd: Command) -> ClientRun {
